@@ -1,0 +1,202 @@
+"""The compiled CPU kernels of batch normalization: build, cache, load and call.
+
+`csrc/batch_norm.cpp` is plain C++ with a C ABI and no torch headers, so it builds with the system
+compiler in about a second. It is built on first use (or ahead of time with `bnlab kernels build`),
+cached under ``$BNLAB_CACHE_DIR`` (default ``~/.cache/bnlab``) in a folder named by a hash of the source,
+the compiler and the CPU, and loaded with ctypes. Loaded after torch, it shares torch's OpenMP runtime.
+
+The environment variable ``BNLAB_KERNELS`` picks the implementation:
+
+- ``auto`` (default): the compiled kernels when they build, else the pure-PyTorch path (with one warning);
+- ``compiled``: the compiled kernels, and an error if they cannot be built;
+- ``torch``: always the pure-PyTorch path.
+
+Both paths compute the same function; the tests hold them to each other.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "batch_norm.cpp"
+ABI_VERSION = 1
+CHOICES = ("auto", "compiled", "torch")
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+_OPENMP = ["-fopenmp"]
+
+
+class KernelBuildError(RuntimeError):
+    """The compiled kernels were required (BNLAB_KERNELS=compiled) but could not be built."""
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: $BNLAB_CACHE_DIR, else $XDG_CACHE_HOME/bnlab, else ~/.cache/bnlab."""
+    if os.environ.get("BNLAB_CACHE_DIR"):
+        return Path(os.environ["BNLAB_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bnlab"
+
+
+def requested_backend() -> str:
+    choice = os.environ.get("BNLAB_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(
+            f"BNLAB_KERNELS must be one of {', '.join(CHOICES)}, got {choice!r}; "
+            "unset it to use the compiled kernels when they build"
+        )
+    return choice
+
+
+def _compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _cpu_signature() -> str:
+    # -march=native ties the binary to this CPU: a cache shared between machines must not mix them.
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_key(compiler: str) -> str:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(_FLAGS).encode(), version.encode(), _cpu_signature().encode()):
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename: a reader never sees half a library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        errors = []
+        for extra in (_OPENMP, []):  # a compiler without OpenMP still gets single-threaded kernels
+            proc = subprocess.run(
+                [compiler, *_FLAGS, *extra, "-o", tmp, str(SOURCE)], capture_output=True, text=True
+            )
+            if proc.returncode == 0:
+                os.replace(tmp, target)
+                return
+            errors.append(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
+        raise OSError(f"{compiler} failed: {' / '.join(errors)}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+
+
+class KernelLibrary:
+    """The loaded shared library, with typed entry points per dtype."""
+
+    DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        if lib.bnlab_abi_version() != ABI_VERSION:
+            raise OSError(f"{path} has ABI {lib.bnlab_abi_version()}, expected {ABI_VERSION}")
+        self.max_threads = lib.bnlab_max_threads
+        self.forward_train, self.forward_eval, self.backward = {}, {}, {}
+        for dtype, suffix in self.DTYPES.items():
+            f = getattr(lib, f"bnlab_forward_train_{suffix}")
+            f.argtypes = [_P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _D, _D]
+            self.forward_train[dtype] = f
+            f = getattr(lib, f"bnlab_forward_eval_{suffix}")
+            f.argtypes = [_P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _D]
+            self.forward_eval[dtype] = f
+            f = getattr(lib, f"bnlab_backward_{suffix}")
+            f.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_int]
+            self.backward[dtype] = f
+        for table in (self.forward_train, self.forward_eval, self.backward):
+            for f in table.values():
+                f.restype = None
+
+
+@dataclass
+class _State:
+    library: Optional[KernelLibrary] = None
+    error: Optional[str] = None
+    tried: bool = False
+
+
+_state = _State()
+_lock = threading.Lock()
+
+
+def build(force: bool = False) -> KernelLibrary:
+    """Build (unless cached) and load the kernels; raises OSError with the reason when that fails."""
+    compiler = _compiler()
+    if compiler is None:
+        raise OSError("no C++ compiler found (tried $CXX, c++, g++, clang++); install g++ or clang++")
+    if not SOURCE.exists():
+        raise OSError(f"kernel source {SOURCE} is missing from the installed package")
+    target = cache_dir() / "kernels" / _build_key(compiler) / "libbnlab_kernels.so"
+    if force or not target.exists():
+        _compile(compiler, target)
+    return KernelLibrary(target)
+
+
+def library() -> Optional[KernelLibrary]:
+    """The compiled kernels, or None when the pure-PyTorch path is in use (see BNLAB_KERNELS)."""
+    if _state.tried:
+        return _state.library
+    with _lock:
+        if not _state.tried:
+            choice = requested_backend()
+            if choice != "torch":
+                try:
+                    _state.library = build()
+                except OSError as exc:
+                    _state.error = str(exc)
+                    if choice == "compiled":
+                        raise KernelBuildError(
+                            f"BNLAB_KERNELS=compiled but the kernels could not be built: {exc}"
+                        ) from exc
+                    warnings.warn(
+                        f"bnlab: compiled kernels unavailable ({exc}); using the pure-PyTorch path",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            _state.tried = True
+    return _state.library
+
+
+def status() -> dict:
+    """What `bnlab kernels` prints: the chosen backend, the library path or why there is none."""
+    lib = library()
+    return {
+        "requested": requested_backend(),
+        "backend": "compiled" if lib else "torch",
+        "library": str(lib.path) if lib else None,
+        "threads": lib.max_threads() if lib else torch.get_num_threads(),
+        "error": _state.error,
+    }
+
+
+def reset() -> None:
+    """Forget the loaded library so the next call re-reads BNLAB_KERNELS (used by tests)."""
+    with _lock:
+        _state.library, _state.error, _state.tried = None, None, False
