@@ -31,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from bnlab.paths import cache_dir
+
 SOURCE = Path(__file__).with_name("csrc") / "batch_norm.cpp"
 ABI_VERSION = 1
 CHOICES = ("auto", "compiled", "torch")
@@ -40,14 +42,6 @@ _OPENMP = ["-fopenmp"]
 
 class KernelBuildError(RuntimeError):
     """The compiled kernels were required (BNLAB_KERNELS=compiled) but could not be built."""
-
-
-def cache_dir() -> Path:
-    """Where built kernels live: $BNLAB_CACHE_DIR, else $XDG_CACHE_HOME/bnlab, else ~/.cache/bnlab."""
-    if os.environ.get("BNLAB_CACHE_DIR"):
-        return Path(os.environ["BNLAB_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bnlab"
 
 
 def requested_backend() -> str:
