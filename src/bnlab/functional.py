@@ -48,6 +48,7 @@ MOMENTUM_CONVENTIONS = {
 }
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = frozenset(kernels.KernelLibrary.DTYPES)
 
 
 def convert_momentum(momentum: float, source: str, target: str = "torch") -> float:
@@ -267,12 +268,15 @@ def _kernel_view(x: Tensor) -> tuple[Tensor, int, int, int]:
 
 
 def _compiled_supported(input: Tensor, *per_channel: Optional[Tensor]) -> bool:
-    if input.device.type != "cpu" or input.dtype not in kernels.KernelLibrary.DTYPES:
+    # Written as plain loops over cheap attributes: this runs on every call, and for small layers the
+    # Python overhead is most of the cost (t.device would build a device object each time).
+    dtype = input.dtype
+    if not input.is_cpu or dtype not in _KERNEL_DTYPES:
         return False
-    return all(
-        t is None or (t.device.type == "cpu" and t.dtype == input.dtype and t.is_contiguous())
-        for t in per_channel
-    )
+    for t in per_channel:
+        if t is not None and (t.dtype != dtype or not t.is_cpu or not t.is_contiguous()):
+            return False
+    return True
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
@@ -325,12 +329,15 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
         lib = kernels.library()
-        compiled = lib is not None and _compiled_supported(input, weight, bias, running_mean, running_var)
-        forward = _forward_compiled if compiled else _forward_torch
-        args = (input, weight, bias, running_mean, running_var, training, momentum, eps)
-        y, mean, invstd = forward(lib, *args) if compiled else forward(*args)
+        ctx.compiled = lib is not None and _compiled_supported(input, weight, bias, running_mean, running_var)
+        if ctx.compiled:
+            y, mean, invstd = _forward_compiled(
+                lib, input, weight, bias, running_mean, running_var, training, momentum, eps
+            )
+        else:
+            y, mean, invstd = _forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.training, ctx.eps, ctx.compiled = training, eps, compiled
+        ctx.training, ctx.eps = training, eps
         return y
 
     @staticmethod

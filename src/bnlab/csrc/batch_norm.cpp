@@ -56,77 +56,79 @@ struct Moments {
   void merge(const Moments& other) { merge(other.count, other.mean, other.m2); }
 };
 
-// Sum of term(i) over [0, len), kept in kLanes independent partial sums: one accumulator would make every
-// addition wait for the previous one (a 4-cycle latency chain); several keep the vector units busy.
+// Sums over runs of one channel kept in kLanes independent partial sums per quantity. One accumulator
+// would make every addition wait for the previous one (a 4-cycle latency chain); several keep the
+// vector units busy. The lanes live across runs and are reduced only when a block is flushed, so short
+// rows (a 64-element 8x8 plane) do not pay a horizontal reduction each.
 template <typename T>
 constexpr index_t kLanes = 128 / sizeof(T);  // four 256-bit registers
 
-template <typename T, typename Term>
-inline T lane_sum(index_t len, Term term) {
-  constexpr index_t L = kLanes<T>;
-  T acc[L] = {};
-  index_t i = 0;
-  for (; i + L <= len; i += L) {
-#pragma omp simd
-    for (index_t j = 0; j < L; ++j) acc[j] += term(i + j);
-  }
-  T total = 0;
-  for (; i < len; ++i) total += term(i);
-  for (index_t j = 0; j < L; ++j) total += acc[j];
-  return total;
-}
+template <typename T>
+struct LanePairs {
+  T a[kLanes<T>] = {}, b[kLanes<T>] = {};
+  index_t count = 0;
 
-// The same for two sums of one pass: first(i) and second(i).
-template <typename T, typename First, typename Second>
-inline void lane_sum2(index_t len, First first, Second second, T& out_first, T& out_second) {
-  constexpr index_t L = kLanes<T>;
-  T a[L] = {}, b[L] = {};
-  index_t i = 0;
-  for (; i + L <= len; i += L) {
+  // a += first(i), b += second(i) for i in [0, len)
+  template <typename First, typename Second>
+  inline void add(index_t len, First first, Second second) {
+    constexpr index_t L = kLanes<T>;
+    index_t i = 0;
+    for (; i + L <= len; i += L) {
 #pragma omp simd
-    for (index_t j = 0; j < L; ++j) {
-      a[j] += first(i + j);
-      b[j] += second(i + j);
+      for (index_t j = 0; j < L; ++j) {
+        a[j] += first(i + j);
+        b[j] += second(i + j);
+      }
     }
+    for (index_t j = 0; i < len; ++i, ++j) {
+      a[j] += first(i);
+      b[j] += second(i);
+    }
+    count += len;
   }
-  T total_a = 0, total_b = 0;
-  for (; i < len; ++i) {
-    total_a += first(i);
-    total_b += second(i);
+
+  // Reduce the lanes in double, and start over.
+  void take(double& sum_a, double& sum_b) {
+    sum_a = sum_b = 0;
+    for (index_t j = 0; j < kLanes<T>; ++j) {
+      sum_a += a[j];
+      sum_b += b[j];
+      a[j] = b[j] = T(0);
+    }
+    count = 0;
   }
-  for (index_t j = 0; j < L; ++j) {
-    total_a += a[j];
-    total_b += b[j];
+
+  void take_into(double& total_a, double& total_b) {
+    double sum_a, sum_b;
+    take(sum_a, sum_b);
+    total_a += sum_a;
+    total_b += sum_b;
   }
-  out_first = total_a;
-  out_second = total_b;
+};
+
+// Sums of (x - shift) and (x - shift)^2 in a LanePairs block, turned into moments with the
+// correction of the corrected two-pass algorithm: exact while `shift` is within a few standard
+// deviations of the block's mean.
+template <typename T>
+void flush_shifted(LanePairs<T>& sums, T shift, Moments& acc) {
+  const double n = static_cast<double>(sums.count);
+  if (n == 0) return;
+  double s1, s2;
+  sums.take(s1, s2);
+  const double correction = s1 / n;
+  acc.merge(n, static_cast<double>(shift) + correction, std::max(0.0, s2 - s1 * correction));
 }
 
-// Sums of (x - shift) and (x - shift)^2 over one run, merged into `acc` with the correction of the
-// corrected two-pass algorithm: exact whenever `shift` is within a few standard deviations of the mean.
+// A first estimate of a channel's mean from its first run, shifted by the first element so the sum
+// does not cancel: the shift for the blocks that follow (each later block shifts by the mean so far).
 template <typename T>
-void accumulate_shifted(const T* x, index_t len, T shift, Moments& acc) {
-  T s1, s2;
-  lane_sum2<T>(
-      len, [=](index_t i) { return x[i] - shift; },
-      [=](index_t i) { return (x[i] - shift) * (x[i] - shift); }, s1, s2);
-  const double n = static_cast<double>(len);
-  const double correction = static_cast<double>(s1) / n;
-  acc.merge(n, static_cast<double>(shift) + correction,
-            std::max(0.0, static_cast<double>(s2) - static_cast<double>(s1) * correction));
-}
-
-// Moments of one run. The shift is the channel's mean so far; for the channel's first run, which has
-// no mean yet, a first pass estimates it from values shifted by the run's first element (that run is
-// read twice, but from L1).
-template <typename T>
-void accumulate_run(const T* x, index_t len, Moments& acc) {
-  T shift = static_cast<T>(acc.mean);
-  if (acc.count == 0) {
-    const T pivot = x[0];
-    shift = pivot + lane_sum<T>(len, [=](index_t i) { return x[i] - pivot; }) / static_cast<T>(len);
-  }
-  accumulate_shifted(x, len, shift, acc);
+T first_estimate(const T* x, index_t len) {
+  const T pivot = x[0];
+  LanePairs<T> sums;
+  sums.add(len, [=](index_t i) { return x[i] - pivot; }, [](index_t) { return T(0); });
+  double total, unused;
+  sums.take(total, unused);
+  return static_cast<T>(pivot + total / static_cast<double>(len));
 }
 
 // Batch statistics of one channel -> saved mean and inverse std, and the running statistics update.
@@ -164,12 +166,22 @@ void forward_train_planar(const T* x, T* y, index_t N, index_t C, index_t S, con
 #pragma omp parallel for schedule(static) num_threads(thread_count(N * C * S))
   for (index_t c = 0; c < C; ++c) {
     Moments m;
+    LanePairs<T> sums;
+    T pivot = first_estimate(x + c * S, std::min(S, kBlockElements));
     for (index_t n = 0; n < N; ++n) {
       const T* row = x + (n * C + c) * S;
       for (index_t s = 0; s < S; s += kBlockElements) {
-        accumulate_run(row + s, std::min(kBlockElements, S - s), m);
+        const T* run = row + s;
+        sums.add(
+            std::min(kBlockElements, S - s), [=](index_t i) { return run[i] - pivot; },
+            [=](index_t i) { return (run[i] - pivot) * (run[i] - pivot); });
+        if (sums.count >= kBlockElements) {
+          flush_shifted(sums, pivot, m);
+          pivot = static_cast<T>(m.mean);
+        }
       }
     }
+    flush_shifted(sums, pivot, m);
     const double invstd =
         finish_channel(c, m, eps, momentum, save_mean, save_invstd, running_mean, running_var);
     const T scale = static_cast<T>(weight ? weight[c] * invstd : invstd);
@@ -190,17 +202,6 @@ void forward_eval_planar(const T* x, T* y, index_t N, index_t C, index_t S, cons
     const index_t c = nc % C;
     normalize_run(x + nc * S, y + nc * S, S, mean[c], scale[c], shift[c]);
   }
-}
-
-// Sums the backward pass needs: sum(dy) and sum(dy * (x - mean)), over one run.
-template <typename T>
-inline void grad_sums_run(const T* x, const T* dy, index_t len, T mean, double& sum_dy,
-                          double& sum_dy_xmu) {
-  T a, b;
-  lane_sum2<T>(
-      len, [=](index_t i) { return dy[i]; }, [=](index_t i) { return dy[i] * (x[i] - mean); }, a, b);
-  sum_dy += a;
-  sum_dy_xmu += b;
 }
 
 // dx = dy * k_dy + (x - mean) * k_xmu + k_const
@@ -230,13 +231,20 @@ void backward_planar(const T* x, const T* dy, T* dx, index_t N, index_t C, index
   for (index_t c = 0; c < C; ++c) {
     double sum_dy = 0, sum_dy_xmu = 0;
     if (need_sums) {
+      const T mu = mean[c];
+      LanePairs<T> sums;
       for (index_t n = 0; n < N; ++n) {
         const index_t offset = (n * C + c) * S;
         for (index_t s = 0; s < S; s += kBlockElements) {
-          grad_sums_run(x + offset + s, dy + offset + s, std::min(kBlockElements, S - s), mean[c],
-                        sum_dy, sum_dy_xmu);
+          const T* xr = x + offset + s;
+          const T* gr = dy + offset + s;
+          sums.add(
+              std::min(kBlockElements, S - s), [=](index_t i) { return gr[i]; },
+              [=](index_t i) { return gr[i] * (xr[i] - mu); });
+          if (sums.count >= kBlockElements) sums.take_into(sum_dy, sum_dy_xmu);
         }
       }
+      sums.take_into(sum_dy, sum_dy_xmu);
     }
     if (grad_weight) grad_weight[c] = static_cast<T>(sum_dy_xmu * invstd[c]);
     if (grad_bias) grad_bias[c] = static_cast<T>(sum_dy);
@@ -263,27 +271,28 @@ RowRange rows_of_thread(index_t M) {
   return {std::min(M, t * per), std::min(M, (t + 1) * per)};
 }
 
-index_t tile_rows(index_t C) { return std::max<index_t>(1, kBlockElements / C); }
+// Rows of the first tile, read twice to estimate each channel's shift: small enough to stay in L1.
+index_t first_tile_rows(index_t C) { return std::max<index_t>(1, kBlockElements / C); }
+// Rows summed in the input type before a merge: at least 256 so merges (two divisions per channel)
+// stay rare, and at most what keeps float sums accurate.
+index_t block_rows(index_t C) { return std::max<index_t>(256, kBlockElements / C); }
 
-// Moments of every channel over rows [r.begin, r.end), tile by tile, with the scheme of accumulate_run:
-// the first tile estimates a shift per channel in an extra pass, later tiles shift by the mean so far.
+// Moments of every channel over rows [r.begin, r.end), the scheme of the planar kernel across rows:
+// the first tile estimates a shift per channel in an extra pass, later blocks shift by the mean so far.
 template <typename T>
-void accumulate_tiles(const T* x, index_t C, RowRange r, Moments* acc) {
-  std::vector<T> shift(C), s1(C), s2(C);
-  const index_t step = tile_rows(C);
+void accumulate_rows(const T* x, index_t C, RowRange r, Moments* acc) {
+  if (r.begin >= r.end) return;
+  std::vector<T> shift(C), s1(C, T(0)), s2(C, T(0));
+  const T* first = x + r.begin * C;
+  const index_t first_end = std::min(r.end, r.begin + first_tile_rows(C));
+  for (index_t m = r.begin; m < first_end; ++m) {
+#pragma omp simd
+    for (index_t c = 0; c < C; ++c) s1[c] += x[m * C + c] - first[c];
+  }
+  for (index_t c = 0; c < C; ++c) shift[c] = first[c] + s1[c] / static_cast<T>(first_end - r.begin);
+  const index_t step = block_rows(C);
   for (index_t r0 = r.begin; r0 < r.end; r0 += step) {
     const index_t r1 = std::min(r.end, r0 + step);
-    const double n = static_cast<double>(r1 - r0);
-    if (r0 == r.begin) {
-      std::fill(s1.begin(), s1.end(), T(0));
-      for (index_t m = r0; m < r1; ++m) {
-#pragma omp simd
-        for (index_t c = 0; c < C; ++c) s1[c] += x[m * C + c] - x[r0 * C + c];
-      }
-      for (index_t c = 0; c < C; ++c) shift[c] = x[r0 * C + c] + s1[c] / static_cast<T>(n);
-    } else {
-      for (index_t c = 0; c < C; ++c) shift[c] = static_cast<T>(acc[c].mean);
-    }
     std::fill(s1.begin(), s1.end(), T(0));
     std::fill(s2.begin(), s2.end(), T(0));
     for (index_t m = r0; m < r1; ++m) {
@@ -295,10 +304,12 @@ void accumulate_tiles(const T* x, index_t C, RowRange r, Moments* acc) {
         s2[c] += d * d;
       }
     }
+    const double n = static_cast<double>(r1 - r0);
     for (index_t c = 0; c < C; ++c) {
       const double correction = static_cast<double>(s1[c]) / n;
       acc[c].merge(n, static_cast<double>(shift[c]) + correction,
                    std::max(0.0, static_cast<double>(s2[c]) - static_cast<double>(s1[c]) * correction));
+      shift[c] = static_cast<T>(acc[c].mean);
     }
   }
 }
@@ -324,7 +335,7 @@ void forward_train_interleaved(const T* x, T* y, index_t M, index_t C, const T* 
 #pragma omp parallel num_threads(threads)
   {
     const RowRange r = rows_of_thread(M);
-    accumulate_tiles(x, C, r, partial.data() + omp_get_thread_num() * C);
+    accumulate_rows(x, C, r, partial.data() + omp_get_thread_num() * C);
 #pragma omp barrier
 #pragma omp for schedule(static)
     for (index_t c = 0; c < C; ++c) {
@@ -362,7 +373,7 @@ void backward_interleaved(const T* x, const T* dy, T* dx, index_t M, index_t C, 
       double* sum_dy = partial.data() + omp_get_thread_num() * 2 * C;
       double* sum_dy_xmu = sum_dy + C;
       std::vector<T> a(C), b(C);
-      const index_t step = tile_rows(C);
+      const index_t step = block_rows(C);
       for (index_t r0 = r.begin; r0 < r.end; r0 += step) {
         std::fill(a.begin(), a.end(), T(0));
         std::fill(b.begin(), b.end(), T(0));
