@@ -1,0 +1,215 @@
+"""Benchmarks: bnlab measured against its peers in the same process, never against a stored number.
+
+`bnlab bench op` times one training-mode forward + backward of batch normalization for bnlab, torch's
+native kernel and the D2L chapter's naive code (autograd through elementwise ops), float32 on CPU, on
+the LeNet shapes and a ResNet stage. The implementations run interleaved (A B C A B C ...) so a noisy,
+shared machine slows them alike; each figure is a median. Besides milliseconds it prints:
+
+- the ratio to native (native time / bnlab time: above 1 means bnlab is faster);
+- the share of the memory-bandwidth floor reached. The floor is 8 passes over the tensor (forward:
+  read x for the statistics, read x and write y; backward: read x and dy for the sums, read x and dy
+  and write dx) at the bandwidth of a copy (read + write) timed in the same run: floor = 4 x copy time;
+- the bytes each implementation saves for backward, per input element.
+
+Run:  bnlab bench op [--repeats 25] [--threads N] [--channels-last] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as torch_F
+
+from bnlab import files, kernels
+from bnlab import functional as bnlab_F
+from bnlab.baselines import naive_batch_norm
+
+LENET_SHAPES = [(256, 6, 24, 24), (256, 16, 8, 8), (256, 120), (128, 84)]
+RESNET_SHAPE = (32, 64, 56, 56)
+OP_SHAPES = [*LENET_SHAPES, RESNET_SHAPE]
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, sample_seconds: float = 0.002, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in rotation.
+
+    Each sample runs a function enough times to last about `sample_seconds` (calibrated once), so
+    the timer's resolution does not dominate tiny calls; `repeats` samples of each are taken in turns.
+    """
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        start = time.perf_counter()
+        fn()
+        calls[name] = max(1, math.ceil(sample_seconds / max(time.perf_counter() - start, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+            fn, n = fns[name], calls[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def saved_bytes_per_element(forward: Callable[[], torch.Tensor], numel: int) -> float:
+    """Bytes of the distinct tensors autograd keeps for backward after `forward`, per input element."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values()) / numel
+
+
+@dataclass
+class OpResult:
+    shape: tuple[int, ...]
+    layout: str
+    bnlab_ms: float
+    native_ms: float
+    chapter_ms: float
+    copy_ms: float
+    floor_ms: float
+    speedup_vs_native: float  # native / bnlab
+    native_vs_chapter: float  # chapter / native
+    bnlab_floor_share: float
+    native_floor_share: float
+    saved_bytes_bnlab: float
+    saved_bytes_native: float
+    saved_bytes_chapter: float
+    max_abs_diff: float  # bnlab vs native output, a sanity check that both computed the same thing
+
+
+def _op_case(shape: Sequence[int], channels_last: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen)
+    dy = torch.randn(*shape, generator=gen)
+    if channels_last and len(shape) == 4:
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    channels = shape[1]
+    x.requires_grad_(True)
+    weight = torch.ones(channels, requires_grad=True)
+    bias = torch.zeros(channels, requires_grad=True)
+    stats = [torch.zeros(channels), torch.ones(channels)]
+    param_shape = (1, channels) + (1,) * (len(shape) - 2)
+    gamma = torch.ones(param_shape, requires_grad=True)
+    beta = torch.zeros(param_shape, requires_grad=True)
+    moving = [torch.zeros(param_shape), torch.ones(param_shape)]
+
+    def bnlab_forward():
+        return bnlab_F.batch_norm(x, stats[0], stats[1], weight, bias, True, 0.1, 1e-5)
+
+    def native_forward():
+        return torch_F.batch_norm(x, stats[0], stats[1], weight, bias, True, 0.1, 1e-5)
+
+    def chapter_forward():
+        y, moving[0], moving[1] = naive_batch_norm(x, gamma, beta, moving[0], moving[1])
+        return y
+
+    forwards = {"bnlab": (bnlab_forward, (x, weight, bias)), "native": (native_forward, (x, weight, bias)),
+                "chapter": (chapter_forward, (x, gamma, beta))}
+    steps = {
+        name: (lambda f=f, inputs=inputs: torch.autograd.grad(f(), inputs, dy))
+        for name, (f, inputs) in forwards.items()
+    }
+    steps["copy"] = lambda: x.detach().clone()
+    with torch.no_grad():
+        diff = (bnlab_forward() - native_forward()).abs().max().item()
+    saved = {name: saved_bytes_per_element(f, x.numel()) for name, (f, _) in forwards.items()}
+    return steps, saved, diff
+
+
+def bench_op(
+    shapes: Sequence[Sequence[int]] = OP_SHAPES, repeats: int = 25, channels_last: bool = False,
+    progress: Optional[Callable[[str], None]] = None,
+) -> list[OpResult]:
+    """Time bnlab, native and chapter forward + backward on each shape; see the module docstring."""
+    results = []
+    for shape in shapes:
+        shape = tuple(shape)
+        steps, saved, diff = _op_case(shape, channels_last)
+        t = time_interleaved(steps, repeats)
+        floor = 4 * t["copy"]  # 8 passes at the copy's 2-pass bandwidth
+        layout = "channels_last" if channels_last and len(shape) == 4 else "contiguous"
+        results.append(OpResult(
+            shape, layout, t["bnlab"] * 1e3, t["native"] * 1e3, t["chapter"] * 1e3, t["copy"] * 1e3,
+            floor * 1e3, t["native"] / t["bnlab"], t["chapter"] / t["native"], floor / t["bnlab"],
+            floor / t["native"], saved["bnlab"], saved["native"], saved["chapter"], diff,
+        ))
+        if progress:
+            progress(format_op_row(results[-1]))
+    return results
+
+
+def environment() -> dict:
+    """What a reader needs to reproduce a figure: versions, threads, CPU, which kernels ran."""
+    status = kernels.status()
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "bnlab_backend": status["backend"],
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+OP_HEADER = (
+    f"{'shape':>20} {'bnlab ms':>9} {'native ms':>9} {'chapter ms':>10} {'vs native':>9} "
+    f"{'chap/nat':>8} {'floor ms':>8} {'bnlab %floor':>12} {'native %floor':>13} {'saved B/elem b/n/c':>19}"
+)
+
+
+def format_op_row(r: OpResult) -> str:
+    shape = "x".join(map(str, r.shape)) + (" CL" if r.layout == "channels_last" else "")
+    saved = f"{r.saved_bytes_bnlab:.1f}/{r.saved_bytes_native:.1f}/{r.saved_bytes_chapter:.1f}"
+    return (
+        f"{shape:>20} {r.bnlab_ms:9.3f} {r.native_ms:9.3f} {r.chapter_ms:10.3f} {r.speedup_vs_native:8.2f}x "
+        f"{r.native_vs_chapter:7.2f}x {r.floor_ms:8.3f} {r.bnlab_floor_share:11.0%} {r.native_floor_share:12.0%} "
+        f"{saved:>19}"
+    )
+
+
+def op_markdown(results: Sequence[OpResult]) -> str:
+    lines = [
+        "| shape | bnlab ms | native ms | chapter ms | bnlab vs native | native vs chapter | bnlab % of floor | native % of floor | saved for backward, B/element (bnlab / native / chapter) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {'×'.join(map(str, r.shape))}{' (channels-last)' if r.layout == 'channels_last' else ''} "
+            f"| {r.bnlab_ms:.3f} | {r.native_ms:.3f} | {r.chapter_ms:.3f} | {r.speedup_vs_native:.2f}× "
+            f"| {r.native_vs_chapter:.2f}× | {r.bnlab_floor_share:.0%} | {r.native_floor_share:.0%} "
+            f"| {r.saved_bytes_bnlab:.1f} / {r.saved_bytes_native:.1f} / {r.saved_bytes_chapter:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def save_results(path, kind: str, results: Sequence, extra: Optional[dict] = None) -> None:
+    files.write_json(path, {"benchmark": kind, "environment": environment(), **(extra or {}),
+                            "results": [asdict(r) for r in results]})
