@@ -11,7 +11,13 @@ shared machine slows them alike; each figure is a median. Besides milliseconds i
   and write dx) at the bandwidth of a copy (read + write) timed in the same run: floor = 4 x copy time;
 - the bytes each implementation saves for backward, per input element.
 
+`bnlab bench train` measures training throughput end to end (data batches, forward, loss, backward,
+SGD step) of LeNets that differ only in their batch-norm layer: bnlab's, torch's built-in, and the
+chapter's naive one, plus the plain LeNet. The models take turns for rounds of a few batches on the
+real Fashion-MNIST; each figure is the median examples per second over the rounds.
+
 Run:  bnlab bench op [--repeats 25] [--threads N] [--channels-last] [--json out.json]
+      bnlab bench train [--rounds 15] [--batches 20] [--batch-size 128]
 """
 
 from __future__ import annotations
@@ -154,6 +160,61 @@ def bench_op(
         if progress:
             progress(format_op_row(results[-1]))
     return results
+
+
+TRAIN_MODELS = ("bn-lenet", "bn-lenet-torch", "bn-lenet-chapter", "lenet")
+
+
+@dataclass
+class TrainSpeed:
+    model: str
+    examples_per_sec: float
+    vs_torch: float  # examples/s relative to bn-lenet-torch (above 1: faster)
+    final_loss: float  # the last batch's loss: all models did train
+
+
+def bench_train(
+    dataset, models: Sequence[str] = TRAIN_MODELS, batch_size: int = 128, rounds: int = 15,
+    batches_per_round: int = 20, lr: float = 0.1, seed: int = 0,
+) -> list[TrainSpeed]:
+    """Training examples per second of each model, measured in turns; see the module docstring."""
+    from bnlab import data
+    from bnlab.models import build_model
+
+    def endless_batches(epoch_seed: int):
+        while True:
+            yield from data.batches(dataset.train_images, dataset.train_labels, batch_size, shuffle=True, seed=epoch_seed)
+            epoch_seed += 1
+
+    runners = {}
+    for name in models:
+        torch.manual_seed(seed)
+        net = build_model(name)
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+        runners[name] = (net, optimizer, endless_batches(seed), [float("nan")])
+
+    def steps(name: str, count: int) -> None:
+        net, optimizer, batches, last = runners[name]
+        for _ in range(count):
+            x, y = next(batches)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            last[0] = loss.item()
+
+    for name in models:  # warm-up: allocator, kernels, first-touch
+        steps(name, 3)
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            steps(name, batches_per_round)
+            samples[name].append(batches_per_round * batch_size / (time.perf_counter() - start))
+    speed = {name: statistics.median(s) for name, s in samples.items()}
+    reference = speed.get("bn-lenet-torch", float("nan"))
+    return [TrainSpeed(name, speed[name], speed[name] / reference, runners[name][3][0]) for name in models]
 
 
 def environment() -> dict:

@@ -12,12 +12,23 @@ from typing import IO, Any, Iterator, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _file_mode() -> int:
+    # mkstemp creates 0600 files; a finished file should get the mode open() would give it.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_MODE = _file_mode()
+
+
 @contextmanager
 def atomic_open(path: PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success flush, fsync and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _MODE)
     try:
         with os.fdopen(fd, mode) as f:
             yield f

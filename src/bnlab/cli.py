@@ -1,0 +1,342 @@
+"""The `bnlab` command.
+
+    bnlab train          train a LeNet of the family on Fashion-MNIST (the chapter's experiment)
+    bnlab inspect RUN    the learned gamma and beta, and the running statistics, of every BN layer
+    bnlab evaluate RUN   recompute a run's test metrics from its checkpoint
+    bnlab data ...       status, download or verify the Fashion-MNIST files
+    bnlab bench op       time bnlab's batch norm against torch's native kernel and the chapter's code
+    bnlab kernels        show (or build) the compiled CPU kernels
+
+A user's mistake (a bad value, a missing file) ends with a one-line error and exit code 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (what was wrong, and where to look), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for; the CLI prints it on one line and exits with code 2."""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def shape_arg(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 256x6x24x24, got {text!r}") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected (N, C, ...) with positive sizes, got {text!r}")
+    return shape
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# ---- train, inspect, evaluate ----------------------------------------------------------------------
+
+# Options of `bnlab train` that map onto TrainConfig fields of the same name.
+_TRAIN_FIELDS = ("model", "pool", "epochs", "lr", "batch_size", "seed", "device", "momentum", "weight_decay",
+                 "threads", "data_dir", "train_subset", "test_subset", "out")
+
+
+def _train_config(args):
+    from bnlab.train import TrainConfig, load_config, with_preset
+
+    given = {name: getattr(args, name) for name in _TRAIN_FIELDS if getattr(args, name) is not None}
+    if args.no_download:
+        given["download"] = False
+    if args.resume:
+        if not args.out:
+            raise UsageError("--resume needs --out RUN_DIR: the run to continue")
+        if args.preset:
+            raise UsageError("--preset cannot change a run being resumed; drop it")
+        base = load_config(args.out)
+    else:
+        base = with_preset(TrainConfig(), args.preset or "current")
+    return dataclasses.replace(base, **given)
+
+
+def cmd_train(args) -> int:
+    from bnlab.train import Diverged, train
+
+    config = _train_config(args)
+    try:
+        result = train(config, resume=args.resume)
+    except Diverged as exc:
+        print(f"bnlab: {exc}", file=sys.stderr)
+        return 3
+    final = result.final
+    print(f"done: {config.model} ({config.pool} pooling), {len(result.history)} epochs, final test acc "
+          f"{final.test_acc:.4f}; run saved in {result.run_dir}")
+    return 0
+
+
+def _load_run(run_dir):
+    from bnlab.models import build_model
+    from bnlab.train import load_checkpoint, load_config
+
+    config = load_config(run_dir)
+    state = load_checkpoint(run_dir)
+    net = build_model(config.model, pool=config.pool, **config.model_options)
+    net.load_state_dict(state["model"])
+    return config, net.eval(), state
+
+
+def _vector(t: torch.Tensor, full: bool) -> str:
+    values = t.detach().flatten().tolist()
+    shown = values if full or len(values) <= 16 else values[:8]
+    text = " ".join(f"{v:+.4f}" for v in shown)
+    if len(shown) < len(values):
+        text += f" ... ({len(values)} values; min {min(values):+.4f}, mean {sum(values) / len(values):+.4f}, max {max(values):+.4f}; --full shows all)"
+    return text
+
+
+def cmd_inspect(args) -> int:
+    from bnlab.models import norm_layers
+
+    config, net, state = _load_run(args.run)
+    layers = norm_layers(net)
+    print(f"{args.run}: {config.model}, {len(state['history'])} epochs, {len(layers)} normalization layers")
+    for name, layer in layers:
+        print(f"\nlayer {name}: {layer.__class__.__name__}({layer.num_features})")
+        for label, attr in (("gamma (weight)", "weight"), ("beta (bias)", "bias"),
+                            ("running mean", "running_mean"), ("running var", "running_var")):
+            value = getattr(layer, attr, None)
+            if value is not None:
+                print(f"  {label:>15}: {_vector(value, args.full)}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from bnlab import data
+    from bnlab.train import evaluate, read_metrics, resolve_device
+
+    config, net, _ = _load_run(args.run)
+    device = resolve_device(args.device or config.device)
+    dataset = data.load(args.data_dir or config.data_dir, download=not args.no_download)
+    dataset = dataset.subset(None, config.test_subset, seed=config.seed)
+    loss, acc = evaluate(net.to(device), dataset.test_images, dataset.test_labels, device)
+    recorded = read_metrics(args.run)[-1]
+    print(f"{args.run}: test loss {loss:.4f}, test acc {acc:.4f} "
+          f"(metrics.csv, epoch {recorded.epoch}: test loss {recorded.test_loss:.4f}, test acc {recorded.test_acc:.4f})")
+    return 0
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+
+def cmd_data(args) -> int:
+    from bnlab import data
+
+    if args.action == "download":
+        root = data.download(args.data_dir, progress=None)
+        print(f"Fashion-MNIST is in {root}")
+        return 0
+    if args.action == "verify":
+        root = data.locate(args.data_dir)
+        if root is None:
+            raise UsageError("no Fashion-MNIST found to verify; get it with `bnlab data download`")
+        results = data.verify(root)
+        for key, path, ok, message in results:
+            print(f"{'ok ' if ok else 'BAD'} {path}: {message}")
+        return 0 if all(ok for _, _, ok, _ in results) else 1
+    root = data.locate(args.data_dir)
+    for place in data.search_path(args.data_dir):
+        print(f"{'found' if root == place else 'looked'}: {place}")
+    print(f"Fashion-MNIST: {root}" if root else "Fashion-MNIST not found; get it with `bnlab data download`")
+    return 0 if root else 1
+
+
+# ---- bench ----------------------------------------------------------------------------------------
+
+
+def cmd_bench_op(args) -> int:
+    from bnlab import bench
+
+    _set_threads(args.threads)
+    env = bench.environment()
+    print(f"bnlab bench op: training forward + backward, float32, {env['threads']} threads, "
+          f"torch {env['torch']}, {env['cpu']}, bnlab kernels: {env['bnlab_backend']}")
+    print(bench.OP_HEADER)
+    results = bench.bench_op(args.shapes or bench.OP_SHAPES, args.repeats, args.channels_last, progress=print)
+    if args.markdown:
+        print()
+        print(bench.op_markdown(results))
+    if args.json:
+        bench.save_results(args.json, "op", results)
+        print(f"results written to {args.json}")
+    slower = [r for r in results if r.speedup_vs_native < 1.0]
+    print("bnlab is at least as fast as native on every shape" if not slower else
+          "bnlab is slower than native on: " + ", ".join("x".join(map(str, r.shape)) for r in slower))
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    from bnlab import bench, data
+
+    _set_threads(args.threads)
+    dataset = data.load(args.data_dir, download=not args.no_download)
+    env = bench.environment()
+    print(f"bnlab bench train: batch {args.batch_size}, {args.rounds} rounds of {args.batches} batches per model, "
+          f"{env['threads']} threads, torch {env['torch']}, {env['cpu']}, bnlab kernels: {env['bnlab_backend']}")
+    results = bench.bench_train(dataset, args.models or bench.TRAIN_MODELS, args.batch_size, args.rounds, args.batches)
+    print(f"{'model':>18} {'examples/s':>11} {'vs bn-lenet-torch':>18} {'last loss':>10}")
+    for r in results:
+        print(f"{r.model:>18} {r.examples_per_sec:11,.0f} {r.vs_torch:17.2f}x {r.final_loss:10.3f}")
+    if args.json:
+        bench.save_results(args.json, "train", results, {"batch_size": args.batch_size})
+        print(f"results written to {args.json}")
+    return 0
+
+
+# ---- kernels ----------------------------------------------------------------------------------------
+
+
+def cmd_kernels(args) -> int:
+    from bnlab import kernels
+
+    if args.action == "build":
+        lib = kernels.build(force=args.force)
+        print(f"built {lib.path}")
+        return 0
+    for key, value in kernels.status().items():
+        print(f"{key:>10}: {value}")
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------------
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _add_train_parser(sub) -> None:
+    from bnlab.models import MODELS
+    from bnlab.train import PRESETS
+
+    p = sub.add_parser("train", help="train a LeNet on Fashion-MNIST (defaults: the chapter's current edition)",
+                       description="Train a LeNet of the family on Fashion-MNIST. Defaults are the current "
+                                   "edition's: bn-lenet, average pooling, lr 0.1, batch 128, 10 epochs.")
+    p.add_argument("--model", choices=sorted(MODELS), help="default bn-lenet")
+    p.add_argument("--pool", choices=["avg", "max"], help="pooling: avg (current edition, default) or max (older)")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--lr", type=positive_float, help="learning rate")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
+    p.add_argument("--weight-decay", type=float, help="default 0")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda[:N] or auto (default)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--data-dir", help="where the Fashion-MNIST files are (or go)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
+    p.add_argument("--train-subset", type=positive_int, metavar="N", help="train on a random N examples")
+    p.add_argument("--test-subset", type=positive_int, metavar="N", help="test on a random N examples")
+    p.add_argument("--out", help="run directory (default runs/<model>-...-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="current (lr 0.1, batch 128) or classic (lr 1.0, batch 256)")
+    p.set_defaults(func=cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="bnlab", description="Batch normalization done properly.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
+    _add_train_parser(sub)
+
+    inspect = sub.add_parser("inspect", help="print the learned gamma/beta and running statistics of a run")
+    inspect.add_argument("run", help="a run directory")
+    inspect.add_argument("--full", action="store_true", help="print every value")
+    inspect.set_defaults(func=cmd_inspect)
+
+    evaluate = sub.add_parser("evaluate", help="recompute a run's test metrics from its checkpoint")
+    evaluate.add_argument("run", help="a run directory")
+    evaluate.add_argument("--device", help="default: the run's")
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--no-download", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    data = sub.add_parser("data", help="the Fashion-MNIST files: status, download, verify")
+    data.add_argument("action", nargs="?", choices=["status", "download", "verify"], default="status")
+    data.add_argument("--data-dir", help="a directory to use instead of the lookup order")
+    data.set_defaults(func=cmd_data)
+
+    bench = sub.add_parser("bench", help="benchmarks against peers measured in the same run")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH", parser_class=OneLineParser)
+    op = bench_sub.add_parser("op", help="batch norm forward+backward: bnlab vs native vs the chapter's code")
+    op.add_argument("--shapes", type=shape_arg, nargs="+", help="shapes like 256x6x24x24 (default: LeNet + ResNet)")
+    op.add_argument("--repeats", type=positive_int, default=25, help="timed samples per implementation")
+    op.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    op.add_argument("--channels-last", action="store_true", help="4D inputs in channels-last layout")
+    op.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    op.add_argument("--json", help="write the results to this JSON file")
+    op.set_defaults(func=cmd_bench_op)
+    tr = bench_sub.add_parser("train", help="training examples/s: bn-lenet vs bn-lenet-torch vs the chapter's code")
+    tr.add_argument("--models", nargs="+", default=None, help="models to compare (default: the BN LeNets and lenet)")
+    tr.add_argument("--batch-size", type=positive_int, default=128)
+    tr.add_argument("--rounds", type=positive_int, default=15, help="turns each model gets")
+    tr.add_argument("--batches", type=positive_int, default=20, help="batches per turn")
+    tr.add_argument("--threads", type=positive_int)
+    tr.add_argument("--data-dir")
+    tr.add_argument("--no-download", action="store_true")
+    tr.add_argument("--json", help="write the results to this JSON file")
+    tr.set_defaults(func=cmd_bench_train)
+
+    kern = sub.add_parser("kernels", help="the compiled CPU kernels: status, or build them now")
+    kern.add_argument("action", nargs="?", choices=["status", "build"], default="status")
+    kern.add_argument("--force", action="store_true", help="rebuild even if cached")
+    kern.set_defaults(func=cmd_kernels)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, OSError) as exc:  # a user's mistake or a missing file: one line, no traceback
+        print(f"bnlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bnlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
