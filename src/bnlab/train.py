@@ -16,9 +16,11 @@ Divergence: a training loss that is not finite, or that exceeds DIVERGENCE_FACTO
 batch's loss, stops the run with `Diverged` (naming the epoch, batch and learning rate). A sigmoid
 LeNet keeps a finite loss even at lr 1e6 (about 2e7): finiteness alone would call that a success.
 
-Example:
-    >>> from bnlab.train import TrainConfig, train          # doctest: +SKIP
-    >>> result = train(TrainConfig(model="bn-lenet", epochs=1, out="runs/demo"))  # doctest: +SKIP
+Example::
+
+    from bnlab.train import TrainConfig, train
+    result = train(TrainConfig(model="bn-lenet", epochs=1, out="runs/demo"))
+    print(result.final.test_acc)
 """
 
 from __future__ import annotations

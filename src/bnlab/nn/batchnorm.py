@@ -1,4 +1,4 @@
-"""Batch-normalization layers: bookkeeping only, the math lives in `bnlab.functional`.
+"""Batch-normalization layers (bnlab.nn re-exports them): bookkeeping only, the math lives in `bnlab.functional`.
 
 Every layer here is a drop-in peer of its torch namesake: same constructor, parameters (`weight`,
 `bias`), buffers (`running_mean`, `running_var` stored unbiased, `num_batches_tracked`), train/eval
@@ -363,8 +363,8 @@ def convert(module: Module, to: str = "bnlab") -> Module:
     Example:
         >>> import torch, bnlab.nn
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
-        >>> type(bnlab.nn.convert(net, to="bnlab")[1]).__module__
-        'bnlab.nn'
+        >>> isinstance(bnlab.nn.convert(net, to="bnlab")[1], bnlab.nn.BatchNorm2d)
+        True
     """
     if to not in ("bnlab", "torch"):
         raise ValueError(f"to must be 'bnlab' or 'torch', got {to!r}")
