@@ -1,0 +1,21 @@
+"""The chapter's claims and exercises answered by reproducible studies: `bnlab study NAME`.
+
+Each study module defines one `Study` (its runs and how to analyse them); `STUDIES` maps the fixed
+names to them. See `bnlab.studies.core` for the cache, the parallel runner and the report.
+"""
+
+from bnlab.studies import runs as _runs  # noqa: F401  (registers the shared run kinds)
+from bnlab.studies.compare import Compare
+from bnlab.studies.core import Settings, Study, run_study
+from bnlab.studies.lr_sweep import LrSweep
+
+STUDIES: dict[str, Study] = {study.name: study for study in (Compare(), LrSweep())}
+
+
+def get(name: str) -> Study:
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; valid: {', '.join(STUDIES)} (see `bnlab study list`)")
+    return STUDIES[name]
+
+
+__all__ = ["STUDIES", "Settings", "Study", "get", "run_study"]
