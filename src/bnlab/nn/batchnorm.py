@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module, Parameter, init
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from bnlab import functional as F
 
@@ -40,11 +40,15 @@ class BatchNormBase(Module):
     """State shared by the batch-norm family: affine parameters, running statistics, momentum.
 
     Subclasses set `input_dims` (the input ranks they accept) and may override `normalize`, which gets
-    the running statistics to use or update and whether to use the batch's statistics.
+    the running statistics to use or update and whether to use the batch's statistics; one whose
+    normalization is not batch norm's sets `eval_is_batch_norm = False`.
     """
 
     _version = 2  # version 2 added num_batches_tracked; older state dicts load with it set to 0
     input_dims: tuple[int, ...] = (2, 3, 4, 5)
+    # True when eval mode is batch norm's per-channel affine map with the running statistics and
+    # training normalizes by batch statistics: what fold_batchnorm and recompute_stats rely on.
+    eval_is_batch_norm: bool = True
 
     def __init__(
         self,
@@ -153,7 +157,7 @@ class BatchNormBase(Module):
         self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
         use_batch_stats: bool, momentum: float,
     ) -> Tensor:
-        return F.batch_norm(
+        return F.batch_norm_checked(  # forward() ran check_input
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps
         )
 
@@ -276,14 +280,16 @@ class _LazyBatchNormBase(LazyModuleMixin, BatchNormBase):
             super().reset_parameters()
 
     def initialize_parameters(self, input: Tensor) -> None:
-        if not self.has_uninitialized_params():
+        if self.num_features:  # sized already (loaded from a state dict)
             return
         self.check_rank(input)
         F.check_input(input)
+        # Sized even with nothing to materialize (affine=False, track_running_stats=False): the channel
+        # count is still checked on every later input.
         self.num_features = input.shape[1]
         for name in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(self, name)
-            if t is not None:
+            if t is not None and is_lazy(t):
                 t.materialize((self.num_features,))
         self.reset_parameters()
 
