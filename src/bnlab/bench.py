@@ -16,8 +16,12 @@ SGD step) of LeNets that differ only in their batch-norm layer: bnlab's, torch's
 chapter's naive one, plus the plain LeNet. The models take turns for rounds of a few batches on the
 real Fashion-MNIST; each figure is the median examples per second over the rounds.
 
+`bnlab bench infer` times eval-mode forward passes of a trained-shape BN LeNet before and after
+`bnlab.nn.fold_batchnorm`, interleaved, at several batch sizes, and reports the speed-up.
+
 Run:  bnlab bench op [--repeats 25] [--threads N] [--channels-last] [--json out.json]
       bnlab bench train [--rounds 15] [--batches 20] [--batch-size 128]
+      bnlab bench infer [--batch-sizes 1 64 1024]
 """
 
 from __future__ import annotations
@@ -215,6 +219,41 @@ def bench_train(
     speed = {name: statistics.median(s) for name, s in samples.items()}
     reference = speed.get("bn-lenet-torch", float("nan"))
     return [TrainSpeed(name, speed[name], speed[name] / reference, runners[name][3][0]) for name in models]
+
+
+@dataclass
+class InferSpeed:
+    model: str
+    batch_size: int
+    unfolded_ms: float
+    folded_ms: float
+    speedup: float  # unfolded / folded
+    max_abs_diff: float  # folded vs unfolded output: folding must not change the function
+
+
+def bench_infer(models: Sequence[str] = ("bn-lenet", "bn-lenet-torch"), batch_sizes: Sequence[int] = (1, 64, 1024),
+                repeats: int = 25, seed: int = 0) -> list[InferSpeed]:
+    """Eval-mode forward time of each model before and after folding its batch norms."""
+    from bnlab.models import build_model
+    from bnlab.nn import fold_batchnorm
+
+    results = []
+    for name in models:
+        torch.manual_seed(seed)
+        net = build_model(name)
+        with torch.no_grad():  # a few training-mode batches give the BN layers non-trivial statistics
+            for _ in range(5):
+                net(torch.rand(256, 1, 28, 28))
+        net.eval()
+        folded = fold_batchnorm(net)
+        for batch_size in batch_sizes:
+            x = torch.rand(batch_size, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                diff = (net(x) - folded(x)).abs().max().item()
+                t = time_interleaved({"unfolded": lambda: net(x), "folded": lambda: folded(x)}, repeats)
+            results.append(InferSpeed(name, batch_size, t["unfolded"] * 1e3, t["folded"] * 1e3,
+                                      t["unfolded"] / t["folded"], diff))
+    return results
 
 
 def environment() -> dict:

@@ -212,6 +212,23 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def cmd_bench_infer(args) -> int:
+    from bnlab import bench
+
+    _set_threads(args.threads)
+    env = bench.environment()
+    print(f"bnlab bench infer: eval-mode forward before and after fold_batchnorm, {env['threads']} threads, "
+          f"torch {env['torch']}, {env['cpu']}, bnlab kernels: {env['bnlab_backend']}")
+    print(f"{'model':>15} {'batch':>6} {'unfolded ms':>12} {'folded ms':>10} {'speed-up':>9} {'max |diff|':>11}")
+    results = bench.bench_infer(args.models, args.batch_sizes, args.repeats)
+    for r in results:
+        print(f"{r.model:>15} {r.batch_size:6d} {r.unfolded_ms:12.3f} {r.folded_ms:10.3f} {r.speedup:8.2f}x {r.max_abs_diff:11.1e}")
+    if args.json:
+        bench.save_results(args.json, "infer", results)
+        print(f"results written to {args.json}")
+    return 0
+
+
 # ---- kernels ----------------------------------------------------------------------------------------
 
 
@@ -260,7 +277,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--weight-decay", type=float, help="default 0")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda[:N] or auto (default)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (per process)")
     p.add_argument("--data-dir", help="where the Fashion-MNIST files are (or go)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
     p.add_argument("--train-subset", type=positive_int, metavar="N", help="train on a random N examples")
@@ -313,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-download", action="store_true")
     tr.add_argument("--json", help="write the results to this JSON file")
     tr.set_defaults(func=cmd_bench_train)
+    inf = bench_sub.add_parser("infer", help="eval forward before/after folding BN into the conv/linear layers")
+    inf.add_argument("--models", nargs="+", default=["bn-lenet", "bn-lenet-torch"])
+    inf.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 64, 1024])
+    inf.add_argument("--repeats", type=positive_int, default=25)
+    inf.add_argument("--threads", type=positive_int)
+    inf.add_argument("--json", help="write the results to this JSON file")
+    inf.set_defaults(func=cmd_bench_infer)
 
     kern = sub.add_parser("kernels", help="the compiled CPU kernels: status, or build them now")
     kern.add_argument("action", nargs="?", choices=["status", "build"], default="status")
