@@ -59,7 +59,7 @@ def _set_threads(threads: Optional[int]) -> None:
 
 # Options of `bnlab train` that map onto TrainConfig fields of the same name.
 _TRAIN_FIELDS = ("model", "pool", "epochs", "lr", "batch_size", "seed", "device", "momentum", "weight_decay",
-                 "threads", "data_dir", "train_subset", "test_subset", "out")
+                 "threads", "nproc", "data_dir", "train_subset", "test_subset", "out")
 
 
 def _train_config(args):
@@ -278,6 +278,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda[:N] or auto (default)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (per process)")
+    p.add_argument("--nproc", type=positive_int, metavar="N",
+                   help="train data-parallel in N processes with synchronized batch norm (gloo on CPU, NCCL on CUDA)")
     p.add_argument("--data-dir", help="where the Fashion-MNIST files are (or go)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
     p.add_argument("--train-subset", type=positive_int, metavar="N", help="train on a random N examples")

@@ -12,6 +12,13 @@ are computed in eval mode on the whole test set. ``resume`` continues from the c
 with the same metrics as an uninterrupted run: the data order of epoch e depends only on (seed, e),
 and the RNG state is checkpointed. Same seed and device give identical metrics.
 
+Data parallel (``nproc`` > 1, ``bnlab train --nproc N``, or launched by torchrun): N processes train
+one model with DistributedDataParallel, every batch norm synchronized (`bnlab.nn.SyncBatchNorm`). All
+draw the same seeded order and each takes its contiguous shard of every global batch (unequal, even
+empty, when the batch does not divide), backpropagating `bnlab.distributed.ddp_loss`, so that a step
+equals the one-process step on the whole batch up to float rounding. Rank 0 alone writes the run
+directory and computes the test metrics; train metrics are summed over all processes.
+
 Divergence: a training loss that is not finite, or that exceeds DIVERGENCE_FACTOR times the first
 batch's loss, stops the run with `Diverged` (naming the epoch, batch and learning rate). A sigmoid
 LeNet keeps a finite loss even at lr 1e6 (about 2e7): finiteness alone would call that a success.
@@ -27,23 +34,26 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import math
+import os
 import platform
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import bnlab
 from bnlab import data as data_mod
-from bnlab import files, kernels
+from bnlab import distributed, files, kernels
 from bnlab.models import LeNetConfig, build_model, model_config
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "examples_per_sec")
@@ -67,6 +77,9 @@ class Diverged(RuntimeError):
             "try a smaller --lr"
         )
 
+    def __reduce__(self):
+        return Diverged, (self.epoch, self.batch, self.lr, self.loss, self.first_loss)
+
 
 @dataclass
 class TrainConfig:
@@ -81,7 +94,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
-    threads: Optional[int] = None
+    threads: Optional[int] = None  # per process; with nproc > 1 the default is cores // nproc
+    nproc: int = 1  # processes training data-parallel
     data_dir: Optional[str] = None
     download: bool = True
     train_subset: Optional[int] = None
@@ -100,6 +114,10 @@ class TrainConfig:
             (self.device in ("auto", "cpu") or self.device.startswith("cuda"),
              f"device must be cpu, cuda[:N] or auto, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}"),
+            (isinstance(self.nproc, int) and self.nproc >= 1, f"nproc must be a positive integer, got {self.nproc!r}"),
+            (self.nproc == 1 or self.network_config().norm != "batchnorm-chapter",
+             f"{self.model} uses the chapter's naive batch norm, which cannot merge statistics across "
+             "processes; use bn-lenet or bn-lenet-torch with --nproc, or --nproc 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -309,6 +327,7 @@ def train(
     progress: Optional[bool] = None,
     log: Callable[[str], None] = print,
     stop_after: Optional[int] = None,
+    timeout: Optional[float] = None,
 ) -> RunResult:
     """Train as `config` says, writing the run directory; returns the metrics history.
 
@@ -317,59 +336,82 @@ def train(
     dataset: an already loaded data set (the studies share one per process); default: load it.
     progress: a progress bar per epoch; default: when stderr is a terminal.
     stop_after: stop (as if interrupted) after this many epochs of this call; for tests of resume.
+    timeout: data parallel only: end the processes and raise TimeoutError after this many seconds.
     """
     config.validate()
+    progress = sys.stderr.isatty() if progress is None else progress
+    launched = distributed.rank_environment()
+    if config.nproc > 1 or (launched is not None and launched.world_size > 1):
+        return _train_data_parallel(config, resume, dataset, progress, log, stop_after, timeout)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     run_dir = Path(config.out) if config.out else default_run_dir(config)
-    progress = sys.stderr.isatty() if progress is None else progress
 
     with run_lock(run_dir):
-        if resume:
-            _check_resumable(run_dir, config)
-        elif (run_dir / "config.json").exists():
-            raise ValueError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
+        _check_run_dir(run_dir, config, resume)
         if dataset is None:
             dataset = data_mod.load(config.data_dir, download=config.download)
         dataset = dataset.subset(config.train_subset, config.test_subset, seed=config.seed)
         save_config(run_dir, config, device, dataset.root)
 
         torch.manual_seed(config.seed)
-        net = build_model(config.model, pool=config.pool, **config.model_options).to(device)
-        optimizer = torch.optim.SGD(
-            [p for p in net.parameters() if p.requires_grad],
-            lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-        )
+        net, optimizer = _build(config, device)
         history: list[EpochMetrics] = []
         first_loss: Optional[float] = None
         if resume and (run_dir / "checkpoint.pt").exists():
-            state = load_checkpoint(run_dir, map_location=device)
-            net.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
-            history = [EpochMetrics(**m) for m in state["history"]]
-            first_loss = state["first_loss"]
+            history, first_loss = _restore(load_checkpoint(run_dir, map_location=device), net, optimizer)
             log(f"resuming {run_dir} after epoch {len(history)}")
 
         last = config.epochs if stop_after is None else min(config.epochs, len(history) + stop_after)
         for epoch in range(len(history) + 1, last + 1):
             metrics, first_loss = _train_epoch(net, optimizer, dataset, config, device, epoch, first_loss, progress)
             history.append(metrics)
-            save_checkpoint(run_dir, {
-                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                "history": [dataclasses.asdict(m) for m in history], "first_loss": first_loss,
-            })
-            write_metrics(run_dir, history)
-            plot_curves(run_dir, history, f"{config.model} ({config.pool} pooling), lr {config.lr:g}, batch {config.batch_size}")
-            log(format_epoch(metrics, config.epochs))
+            _record_epoch(run_dir, config, net, optimizer, history, first_loss, log)
     return RunResult(run_dir, history, config)
+
+
+def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
+    if resume:
+        _check_resumable(run_dir, config)
+    elif (run_dir / "config.json").exists():
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
+
+
+def _build(config: TrainConfig, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    net = build_model(config.model, pool=config.pool, **config.model_options).to(device)
+    optimizer = torch.optim.SGD(
+        [p for p in net.parameters() if p.requires_grad],
+        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+    )
+    return net, optimizer
+
+
+def _restore(state: dict, net: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[EpochMetrics], Optional[float]]:
+    """Load a checkpoint into the model and optimizer; its (history, first_loss)."""
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return [EpochMetrics(**m) for m in state["history"]], state["first_loss"]
+
+
+def _record_epoch(run_dir, config, net, optimizer, history, first_loss, log) -> None:
+    """Checkpoint, metrics.csv, curves.png and the log line of the epoch just finished."""
+    save_checkpoint(run_dir, {
+        "model": net.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+        "history": [dataclasses.asdict(m) for m in history], "first_loss": first_loss,
+    })
+    write_metrics(run_dir, history)
+    plot_curves(run_dir, history, f"{config.model} ({config.pool} pooling), lr {config.lr:g}, batch {config.batch_size}")
+    log(format_epoch(history[-1], config.epochs))
 
 
 def _check_resumable(run_dir: Path, config: TrainConfig) -> None:
     stored = load_config(run_dir)
     mine, theirs = dataclasses.asdict(config), dataclasses.asdict(stored)
-    differing = [k for k in mine if k not in ("epochs", "out", "download", "data_dir", "threads") and mine[k] != theirs[k]]
+    # nproc may change: a data-parallel step is the one-process step, up to float rounding.
+    ignored = ("epochs", "out", "download", "data_dir", "threads", "nproc")
+    differing = [k for k in mine if k not in ignored and mine[k] != theirs[k]]
     if differing:
         detail = ", ".join(f"{k}: run has {theirs[k]!r}, asked {mine[k]!r}" for k in differing)
         raise ValueError(f"cannot resume {run_dir} with different settings ({detail}); drop those options")
@@ -395,10 +437,7 @@ def _train_epoch(net, optimizer, dataset, config, device, epoch, first_loss, pro
             loss.backward()
             optimizer.step()
             value = loss.item()  # one sync per batch: the divergence check needs it anyway
-            if first_loss is None:
-                first_loss = value
-            if not math.isfinite(value) or value > DIVERGENCE_FACTOR * first_loss:
-                raise Diverged(epoch, batch, config.lr, value, first_loss)
+            first_loss = _check_divergence(value, first_loss, epoch, batch, config.lr)
             loss_sum += value * len(y)
             correct += (logits.argmax(dim=1) == y).sum()
             bar.update(value)
@@ -410,6 +449,183 @@ def _train_epoch(net, optimizer, dataset, config, device, epoch, first_loss, pro
     return EpochMetrics(epoch, loss_sum / n, correct.item() / n, test_loss, test_acc, n / seconds), first_loss
 
 
+def _check_divergence(value: float, first_loss: Optional[float], epoch: int, batch: int, lr: float) -> float:
+    """Raise Diverged if the batch's loss `value` blew up; the first loss of the run (this one if none yet)."""
+    if first_loss is None:
+        first_loss = value
+    if not math.isfinite(value) or value > DIVERGENCE_FACTOR * first_loss:
+        raise Diverged(epoch, batch, lr, value, first_loss)
+    return first_loss
+
+
 def format_epoch(m: EpochMetrics, epochs: int) -> str:
     return (f"epoch {m.epoch:>3}/{epochs}  train loss {m.train_loss:.4f}  train acc {m.train_acc:.4f}  "
             f"test loss {m.test_loss:.4f}  test acc {m.test_acc:.4f}  {m.examples_per_sec:,.0f} examples/s")
+
+
+# ---- data-parallel training ------------------------------------------------------------------------
+
+
+def _train_data_parallel(config, resume, dataset, progress, log, stop_after, timeout) -> RunResult:
+    """Under torchrun, be one of its processes; otherwise spawn config.nproc processes and wait for them."""
+    launched = distributed.rank_environment()
+    if launched is not None:
+        if config.nproc not in (1, launched.world_size):
+            raise ValueError(f"nproc is {config.nproc} but the launcher started {launched.world_size} processes; "
+                             "drop --nproc under torchrun")
+        config = dataclasses.replace(config, nproc=launched.world_size)
+        config.validate()
+        device = _rank_device(config, launched.local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        with distributed.joined_process_group(distributed.backend_for(device)):
+            run_dir, history = _train_rank(config, resume, dataset, progress, log, stop_after)
+        return RunResult(run_dir, history, config)
+
+    device = resolve_device(config.device)
+    if device.type == "cuda" and torch.cuda.device_count() < config.nproc:
+        raise ValueError(f"nproc {config.nproc} needs a GPU per process, but {torch.cuda.device_count()} are "
+                         "visible; lower --nproc or use --device cpu")
+    if dataset is None:  # load (and download) once, here, rather than in every process
+        dataset = data_mod.load(config.data_dir, download=config.download)
+    results = distributed.launch(
+        _launched_rank, config.nproc, args=(config, resume, dataset, progress, stop_after),
+        backend=distributed.backend_for(device), timeout=timeout, on_message=log,
+    )
+    run_dir, history = results[0]
+    return RunResult(run_dir, history, config)
+
+
+def _launched_rank(config, resume, dataset, progress, stop_after):
+    return _train_rank(config, resume, dataset, progress, distributed.report, stop_after)
+
+
+def _rank_device(config: TrainConfig, local_rank: int) -> torch.device:
+    device = resolve_device(config.device)
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _broadcast_from_rank0(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _train_rank(config, resume, dataset, progress, log, stop_after) -> tuple[Path, list[EpochMetrics]]:
+    """One process of data-parallel training, in an initialized default process group; every process
+    returns the run directory and rank 0's history."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bnlab.nn import convert_sync_batchnorm
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    launched = distributed.rank_environment()
+    local_rank, local_world = (launched.local_rank, launched.local_world_size) if launched else (rank, world)
+    torch.set_num_threads(config.threads or max(1, _usable_cores() // local_world))
+    device = _rank_device(config, local_rank)
+    writer = rank == 0
+    with ExitStack() as held:
+        # Rank 0 checks, locks and prepares the run directory; every process learns the outcome, so that
+        # a refusal stops them all alike instead of leaving the others waiting in a collective.
+        failure: Optional[Exception] = None
+        outcome: dict = {}
+        if writer:
+            try:
+                run_dir = Path(config.out) if config.out else default_run_dir(config)
+                held.enter_context(run_lock(run_dir))
+                _check_run_dir(run_dir, config, resume)
+                if dataset is None:
+                    dataset = data_mod.load(config.data_dir, download=config.download)
+                save_config(run_dir, config, device, dataset.root)
+                state = load_checkpoint(run_dir) if resume and (run_dir / "checkpoint.pt").exists() else None
+                outcome = {"run_dir": run_dir, "state": state}
+            except Exception as exc:  # noqa: BLE001 - re-raised below, in every process
+                failure, outcome = exc, {"error": str(exc)}
+        outcome = _broadcast_from_rank0(outcome)
+        if failure is not None:
+            raise failure
+        if "error" in outcome:
+            raise ValueError(outcome["error"])
+        run_dir = outcome["run_dir"]
+        if dataset is None:
+            dataset = data_mod.load(config.data_dir, download=config.download)
+        dataset = dataset.subset(config.train_subset, config.test_subset, seed=config.seed)
+
+        torch.manual_seed(config.seed)
+        net, optimizer = _build(config, device)
+        net = convert_sync_batchnorm(net)  # keeps the parameter tensors: the optimizer stays valid
+        history: list[EpochMetrics] = []
+        first_loss: Optional[float] = None
+        if outcome["state"] is not None:
+            history, first_loss = _restore(outcome["state"], net, optimizer)
+            if writer:
+                log(f"resuming {run_dir} after epoch {len(history)}")
+        # SyncBatchNorm leaves identical running statistics in every process: no buffer broadcast per step.
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})  # torch < 2.13
+        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                      **no_buffer_sync)
+
+        last = config.epochs if stop_after is None else min(config.epochs, len(history) + stop_after)
+        for epoch in range(len(history) + 1, last + 1):
+            # Dropout masks independent across processes, and a function of (seed, epoch, rank) on resume.
+            torch.manual_seed(epoch_seed(config.seed, epoch) * world + rank)
+            metrics, first_loss = _train_epoch_data_parallel(
+                ddp, optimizer, dataset, config, device, epoch, first_loss, progress and writer, writer)
+            if writer:
+                history.append(metrics)
+                _record_epoch(run_dir, config, net, optimizer, history, first_loss, log)
+        history = _broadcast_from_rank0(history)
+    return run_dir, history
+
+
+def data_parallel_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One SGD step of data-parallel training on the global batch (x, y); every process runs it.
+
+    This process takes its contiguous shard (`bnlab.distributed.shard_bounds`) and backpropagates
+    `bnlab.distributed.ddp_loss` of its summed cross-entropy, so that DDP's average of the gradients is
+    the gradient of the global batch's mean loss: the one-process step. Returns (sum of the losses,
+    correct predictions) over the global batch, summed over all processes, in float64.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = distributed.shard_bounds(len(y), world, rank)
+    shard_x, shard_y = x[start:stop], y[start:stop]
+    logits = net(shard_x)
+    loss_sum = nn.functional.cross_entropy(logits, shard_y, reduction="sum")
+    optimizer.zero_grad(set_to_none=True)
+    distributed.ddp_loss(loss_sum, len(y), world).backward()
+    optimizer.step()
+    totals = torch.stack([loss_sum.detach().double(), (logits.argmax(dim=1) == shard_y).sum().double()])
+    dist.all_reduce(totals)
+    return totals
+
+
+def _train_epoch_data_parallel(ddp, optimizer, dataset, config, device, epoch, first_loss, progress, writer):
+    ddp.train()
+    images, labels = dataset.train_images, dataset.train_labels
+    bar = _Progress(progress, data_mod.num_batches(len(labels), config.batch_size), epoch, config.epochs)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum and correct, all processes
+    start = time.perf_counter()
+    try:
+        # Every process draws the same order: the global batches are the one-process run's.
+        batches = data_mod.batches(images, labels, config.batch_size, shuffle=True,
+                                   seed=epoch_seed(config.seed, epoch), device=device)
+        for batch, (x, y) in enumerate(batches, start=1):
+            batch_totals = data_parallel_step(ddp, optimizer, x, y)
+            value = batch_totals[0].item() / len(y)
+            first_loss = _check_divergence(value, first_loss, epoch, batch, config.lr)
+            totals += batch_totals
+            bar.update(value)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    test_loss, test_acc = math.nan, math.nan
+    if writer:  # once, on rank 0; evaluation uses the running statistics and communicates nothing
+        test_loss, test_acc = evaluate(ddp.module, dataset.test_images, dataset.test_labels, device)
+    n = len(labels)
+    return EpochMetrics(epoch, totals[0].item() / n, totals[1].item() / n, test_loss, test_acc, n / seconds), first_loss

@@ -16,6 +16,8 @@ from bnlab.nn.batchnorm import *  # noqa: F401,F403
 from bnlab.nn.batchnorm import __all__ as _batchnorm_all
 from bnlab.nn.inference import *  # noqa: F401,F403
 from bnlab.nn.inference import __all__ as _inference_all
+from bnlab.nn.sync import *  # noqa: F401,F403
+from bnlab.nn.sync import __all__ as _sync_all
 from bnlab.nn.norms import *  # noqa: F401,F403
 from bnlab.nn.norms import __all__ as _norms_all
 from bnlab.nn.variants import *  # noqa: F401,F403
@@ -23,4 +25,4 @@ from bnlab.nn.variants import __all__ as _variants_all
 from bnlab.nn.whitening import *  # noqa: F401,F403
 from bnlab.nn.whitening import __all__ as _whitening_all
 
-__all__ = [*_batchnorm_all, *_inference_all, *_norms_all, *_variants_all, *_whitening_all]
+__all__ = [*_batchnorm_all, *_inference_all, *_sync_all, *_norms_all, *_variants_all, *_whitening_all]
