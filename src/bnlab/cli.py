@@ -4,6 +4,7 @@
     bnlab inspect RUN    the learned gamma and beta, and the running statistics, of every BN layer
     bnlab evaluate RUN   recompute a run's test metrics from its checkpoint
     bnlab data ...       status, download or verify the Fashion-MNIST files
+    bnlab study NAME     run a study answering one of the chapter's questions (`bnlab study list`)
     bnlab bench op       time bnlab's batch norm against torch's native kernel and the chapter's code
     bnlab kernels        show (or build) the compiled CPU kernels
 
@@ -170,6 +171,31 @@ def cmd_data(args) -> int:
     return 0 if root else 1
 
 
+# ---- study ----------------------------------------------------------------------------------------
+
+
+def cmd_study(args) -> int:
+    from pathlib import Path
+
+    from bnlab import studies
+
+    if args.name == "list":
+        for study in studies.STUDIES.values():
+            print(f"{study.name:>17}  {study.question}")
+            print(f"{'':>17}  full run: {study.full_runtime}; --quick: about 2 minutes")
+        return 0
+    study = studies.get(args.name)
+    out = Path(args.out) if args.out else Path("studies") / (study.name + ("-quick" if args.quick else ""))
+    settings = studies.Settings(out=out, quick=args.quick, seeds=args.seeds, jobs=args.jobs,
+                                data_dir=args.data_dir, download=not args.no_download)
+    command = " ".join(["bnlab study", study.name] + (["--quick"] if args.quick else [])
+                       + ([f"--seeds {args.seeds}"] if args.seeds else []) + [f"--jobs {args.jobs}"]
+                       + ([f"--out {args.out}"] if args.out else []))
+    path = studies.run_study(study, settings, command)
+    print(f"report written to {path}")
+    return 0
+
+
 # ---- bench ----------------------------------------------------------------------------------------
 
 
@@ -311,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("action", nargs="?", choices=["status", "download", "verify"], default="status")
     data.add_argument("--data-dir", help="a directory to use instead of the lookup order")
     data.set_defaults(func=cmd_data)
+
+    study = sub.add_parser("study", help="run a study that answers one of the chapter's questions",
+                           description="Run a study and write DIR/report.md; `bnlab study list` names them.")
+    study.add_argument("name", help="a study name, or `list`")
+    study.add_argument("--quick", action="store_true", help="the reduced version (subset, fewer epochs, one seed)")
+    study.add_argument("--seeds", type=positive_int, help="seeds per configuration (default: the study's)")
+    study.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
+    study.add_argument("--out", help="output directory (default studies/NAME, or studies/NAME-quick)")
+    study.add_argument("--data-dir")
+    study.add_argument("--no-download", action="store_true")
+    study.set_defaults(func=cmd_study)
 
     bench = sub.add_parser("bench", help="benchmarks against peers measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH", parser_class=OneLineParser)

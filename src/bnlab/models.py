@@ -32,14 +32,52 @@ from bnlab.baselines import NaiveBatchNorm
 NormFactory = Callable[[int, int], nn.Module]  # (num_features, input rank) -> layer
 
 
-def _torch_batch_norm(channels: int, dims: int) -> nn.Module:
-    return nn.BatchNorm2d(channels) if dims == 4 else nn.BatchNorm1d(channels)
+def _by_rank(for_linear: Callable[[int], nn.Module], for_conv: Callable[[int], nn.Module]) -> NormFactory:
+    return lambda c, dims: for_conv(c) if dims == 4 else for_linear(c)
 
 
+def _largest_divisor(c: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if c % d == 0)
+
+
+class As4d(nn.Module):
+    """Runs a layer made for (N, C, H, W) on (N, C) features, as (N, C, 1, 1)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x[:, :, None, None]).flatten(1)
+
+
+def _whitening(layer_class) -> NormFactory:
+    # Groups of at most 16 channels, the decorrelated-BN paper's usual size: 6 -> 6, 16 -> 16, 120 -> 15, 84 -> 14.
+    def make(c: int, dims: int) -> nn.Module:
+        layer = layer_class(c, group_size=_largest_divisor(c, 16))
+        return layer if dims == 4 else As4d(layer)
+
+    return make
+
+
+# Norm layers by name, for LeNetConfig.norm. Layer norm on a convolution normalizes each sample over
+# (C, H, W), i.e. GroupNorm with one group; instance norm of a feature vector would normalize single
+# values, so the fully connected layers of "instancenorm" get layer norm.
 NORM_LAYERS: dict[str, NormFactory] = {
     "batchnorm": lambda c, dims: bnlab_nn.BatchNorm(c, num_dims=dims),
-    "batchnorm-torch": _torch_batch_norm,
+    "batchnorm-torch": _by_rank(nn.BatchNorm1d, nn.BatchNorm2d),
     "batchnorm-chapter": lambda c, dims: NaiveBatchNorm(c, dims),
+    "mean-only": _by_rank(bnlab_nn.MeanOnlyBatchNorm1d, bnlab_nn.MeanOnlyBatchNorm2d),
+    "variance-only": _by_rank(bnlab_nn.VarianceOnlyBatchNorm1d, bnlab_nn.VarianceOnlyBatchNorm2d),
+    "batchrenorm": _by_rank(bnlab_nn.BatchRenorm1d, bnlab_nn.BatchRenorm2d),
+    "ghost": _by_rank(lambda c: bnlab_nn.GhostBatchNorm1d(c, ghost_batch_size=32),
+                      lambda c: bnlab_nn.GhostBatchNorm2d(c, ghost_batch_size=32)),
+    "layernorm": _by_rank(bnlab_nn.LayerNorm, lambda c: bnlab_nn.GroupNorm(1, c)),
+    "groupnorm": lambda c, dims: bnlab_nn.GroupNorm(_largest_divisor(c, 4), c),
+    "instancenorm": _by_rank(bnlab_nn.LayerNorm, lambda c: bnlab_nn.InstanceNorm2d(c, affine=True)),
+    "decorrelated": _whitening(bnlab_nn.DecorrelatedBatchNorm2d),
+    "iternorm": _whitening(bnlab_nn.IterNorm2d),
+    "pit": _by_rank(bnlab_nn.PITNorm1d, bnlab_nn.PITNorm2d),
 }
 
 # Where a LeNet may carry a norm layer, in order: after conv1, conv2, fc1, fc2.
@@ -141,7 +179,8 @@ def init_weights(net: nn.Module) -> None:
 
 def norm_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
     """The (name, module) of every normalization layer in `net`, in order."""
-    kinds = (bnlab_nn.BatchNormBase, nn.modules.batchnorm._NormBase, NaiveBatchNorm)
+    kinds = (bnlab_nn.BatchNormBase, nn.modules.batchnorm._NormBase, NaiveBatchNorm, bnlab_nn.LayerNorm,
+             bnlab_nn.GroupNorm, bnlab_nn.FrozenBatchNorm)
     return [(name, m) for name, m in net.named_modules() if isinstance(m, kinds)]
 
 
