@@ -69,6 +69,8 @@ def _train_config(args):
     given = {name: getattr(args, name) for name in _TRAIN_FIELDS if getattr(args, name) is not None}
     if args.no_download:
         given["download"] = False
+    if args.precise_stats:
+        given["precise_stats"] = True
     if args.resume:
         if not args.out:
             raise UsageError("--resume needs --out RUN_DIR: the run to continue")
@@ -135,14 +137,16 @@ def cmd_evaluate(args) -> int:
     from bnlab import data
     from bnlab.train import evaluate, read_metrics, resolve_device
 
-    config, net, _ = _load_run(args.run)
+    config, net, state = _load_run(args.run)
     device = resolve_device(args.device or config.device)
     dataset = data.load(args.data_dir or config.data_dir, download=not args.no_download)
     dataset = dataset.subset(None, config.test_subset, seed=config.seed)
     loss, acc = evaluate(net.to(device), dataset.test_images, dataset.test_labels, device)
     recorded = read_metrics(args.run)[-1]
-    print(f"{args.run}: test loss {loss:.4f}, test acc {acc:.4f} "
-          f"(metrics.csv, epoch {recorded.epoch}: test loss {recorded.test_loss:.4f}, test acc {recorded.test_acc:.4f})")
+    statistics = "precise BN statistics" if state.get("precise_stats") else "BN moving averages"
+    print(f"{args.run}: test loss {loss:.4f}, test acc {acc:.4f} with {statistics} "
+          f"(metrics.csv, epoch {recorded.epoch}, moving averages: test loss {recorded.test_loss:.4f}, "
+          f"test acc {recorded.test_acc:.4f})")
     return 0
 
 
@@ -312,6 +316,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--test-subset", type=positive_int, metavar="N", help="test on a random N examples")
     p.add_argument("--out", help="run directory (default runs/<model>-...-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--precise-stats", action="store_true",
+                   help="after the last epoch, replace the BN moving averages by exact training-set statistics")
     p.add_argument("--preset", choices=sorted(PRESETS), help="current (lr 0.1, batch 128) or classic (lr 1.0, batch 256)")
     p.set_defaults(func=cmd_train)
 

@@ -96,6 +96,7 @@ class TrainConfig:
     device: str = "auto"
     threads: Optional[int] = None  # per process; with nproc > 1 the default is cores // nproc
     nproc: int = 1  # processes training data-parallel
+    precise_stats: bool = False  # after the last epoch, set BN statistics exactly over the training set
     data_dir: Optional[str] = None
     download: bool = True
     train_subset: Optional[int] = None
@@ -342,7 +343,15 @@ def train(
     progress = sys.stderr.isatty() if progress is None else progress
     launched = distributed.rank_environment()
     if config.nproc > 1 or (launched is not None and launched.world_size > 1):
-        return _train_data_parallel(config, resume, dataset, progress, log, stop_after, timeout)
+        result = _train_data_parallel(config, resume, dataset, progress, log, stop_after, timeout)
+    else:
+        result = _train_single(config, resume, dataset, progress, log, stop_after)
+    if config.precise_stats and len(result.history) == config.epochs and (launched is None or launched.rank == 0):
+        apply_precise_stats(result, dataset, log)
+    return result
+
+
+def _train_single(config, resume, dataset, progress, log, stop_after) -> RunResult:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -369,6 +378,35 @@ def train(
             history.append(metrics)
             _record_epoch(run_dir, config, net, optimizer, history, first_loss, log)
     return RunResult(run_dir, history, config)
+
+
+def apply_precise_stats(result: RunResult, dataset, log: Callable[[str], None] = print) -> dict:
+    """Replace the finished run's running BN statistics by the exact ones over its training set.
+
+    `bnlab.nn.recompute_stats` over the training set in the run's batch size; the checkpoint is saved
+    with the new statistics (so `bnlab evaluate` and `inspect` see them), and precise_stats.json
+    records the test metrics before (moving averages, as in metrics.csv) and after.
+    """
+    from bnlab.nn import recompute_stats
+
+    config, run_dir = result.config, result.run_dir
+    device = resolve_device(config.device)
+    if dataset is None:
+        dataset = data_mod.load(config.data_dir, download=config.download)
+    dataset = dataset.subset(config.train_subset, config.test_subset, seed=config.seed)
+    state = load_checkpoint(run_dir, map_location=device)
+    net = build_model(config.model, pool=config.pool, **config.model_options).to(device)
+    net.load_state_dict(state["model"])
+    batches = data_mod.batches(dataset.train_images, dataset.train_labels, config.batch_size, shuffle=False, device=device)
+    recompute_stats(net, (x for x, _ in batches))
+    test_loss, test_acc = evaluate(net, dataset.test_images, dataset.test_labels, device)
+    summary = {"moving_average": {"test_loss": result.final.test_loss, "test_acc": result.final.test_acc},
+               "precise": {"test_loss": test_loss, "test_acc": test_acc}}
+    save_checkpoint(run_dir, {**state, "model": net.state_dict(), "precise_stats": True})
+    files.write_json(run_dir / "precise_stats.json", summary)
+    log(f"precise BN statistics over {len(dataset.train_labels)} training examples: test loss {test_loss:.4f}, "
+        f"test acc {test_acc:.4f} (moving averages: {result.final.test_acc:.4f})")
+    return summary
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:

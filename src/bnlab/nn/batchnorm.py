@@ -11,7 +11,8 @@ makes the running statistics a cumulative (equal-weight) average of every batch 
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ __all__ = [
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "convert",
+    "accumulate_stats",
 ]
 
 _SHAPES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
@@ -137,6 +139,10 @@ class BatchNormBase(Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self.check_input(input)
+        pooled = self.__dict__.get("_pooled_stats")
+        if pooled is not None and self.training:  # inside accumulate_stats: pool now, update once at the end
+            pooled.add(input)
+            return self.normalize(input, None, None, True, 0.0)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -153,6 +159,17 @@ class BatchNormBase(Module):
             factor,
         )
 
+    def _apply_pooled(self, pooled: "PooledMoments") -> None:
+        """One running-statistics step towards the pooled statistics (see `accumulate_stats`)."""
+        if pooled.count < 2:
+            return
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        with torch.no_grad():
+            unbiased = pooled.m2 / (pooled.count - 1)
+            self.running_mean.mul_(1 - factor).add_(pooled.mean.to(self.running_mean.dtype), alpha=factor)
+            self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+
     def normalize(
         self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
         use_batch_stats: bool, momentum: float,
@@ -160,6 +177,70 @@ class BatchNormBase(Module):
         return F.batch_norm_checked(  # forward() ran check_input
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps
         )
+
+
+class PooledMoments:
+    """Exact per-channel count, mean and M2 over several batches (Chan's merge, in float64)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: Tensor) -> None:
+        n = x.numel() // x.shape[1]
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.detach().double(), dim=[0, *range(2, x.dim())], correction=0)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, var * n
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + var * n + delta * delta * (self.count * n / total)
+        self.count = total
+
+
+@contextmanager
+def accumulate_stats(model: Module) -> Iterator[None]:
+    """Gradient accumulation with correct running statistics: one update per optimizer step.
+
+    With k micro-batches per optimizer step, each batch-norm layer would otherwise move its running
+    statistics k times, each towards a small, noisy micro-batch statistic, and count k batches. Inside
+    this context every micro-batch is still normalized by its own statistics (the forward and the
+    gradients are unchanged), but the layers pool the micro-batches' exact statistics and, on leaving
+    the context, make a single update with the statistics of the whole accumulated batch — the
+    running mean and variance a single forward of the concatenated batch would give — and count one
+    batch. If the block raises, nothing is updated. Applies to bnlab's BatchNorm1d/2d/3d and the
+    chapter's BatchNorm (layers that keep the default `normalize`); other norm layers are an error.
+
+    Example:
+        >>> import torch, bnlab.nn
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), bnlab.nn.BatchNorm1d(3))
+        >>> batch = torch.randn(32, 4)
+        >>> with bnlab.nn.accumulate_stats(net):
+        ...     for micro in batch.chunk(4):
+        ...         net(micro).sum().backward()
+        >>> whole = bnlab.nn.BatchNorm1d(3)
+        >>> _ = whole(net[0](batch))
+        >>> torch.allclose(net[1].running_var, whole.running_var), int(net[1].num_batches_tracked)
+        (True, 1)
+    """
+    layers = [m for m in model.modules() if isinstance(m, BatchNormBase)]
+    unsupported = [type(m).__name__ for m in layers if type(m).normalize is not BatchNormBase.normalize]
+    if unsupported:
+        raise ValueError(
+            f"accumulate_stats supports batch norm proper; {', '.join(sorted(set(unsupported)))} normalizes "
+            "differently (its running state is not batch statistics): leave it out of the accumulated model"
+        )
+    layers = [m for m in layers if m.track_running_stats]
+    for m in layers:
+        m.__dict__["_pooled_stats"] = PooledMoments()
+    try:
+        yield
+        for m in layers:
+            m._apply_pooled(m.__dict__["_pooled_stats"])
+    finally:
+        for m in layers:
+            m.__dict__.pop("_pooled_stats", None)
 
 
 def _rank_hint(dims: int) -> str:

@@ -23,7 +23,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, fx, nn
 
-from bnlab.nn.batchnorm import BatchNormBase
+from bnlab.nn.batchnorm import BatchNormBase, PooledMoments
+from bnlab.nn.variants import FrozenBatchNorm
 
 __all__ = ["fold_batchnorm", "recompute_stats"]
 
@@ -41,10 +42,15 @@ def _is_batch_norm(m: nn.Module) -> bool:
     return getattr(m, "eval_is_batch_norm", True)
 
 
+def _is_foldable(m: nn.Module) -> bool:
+    """A layer that, in eval mode, is a per-channel affine map of stored statistics: BN, or frozen BN."""
+    return _is_batch_norm(m) or isinstance(m, FrozenBatchNorm)
+
+
 class _LeafTracer(fx.Tracer):
     # Norm layers are leaves: their forward is not traced into, it is what we look for.
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return _is_batch_norm(m) or super().is_leaf_module(m, qualified_name)
+        return _is_foldable(m) or super().is_leaf_module(m, qualified_name)
 
 
 def _pairs_from_graph(model: nn.Module) -> Optional[list[tuple[str, str]]]:
@@ -61,7 +67,7 @@ def _pairs_from_graph(model: nn.Module) -> Optional[list[tuple[str, str]]]:
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not _is_batch_norm(modules[node.target]) or len(node.args) != 1:
+        if node.op != "call_module" or not _is_foldable(modules[node.target]) or len(node.args) != 1:
             continue
         producer = node.args[0]
         if (isinstance(producer, fx.Node) and producer.op == "call_module"
@@ -78,7 +84,7 @@ def _pairs_from_sequentials(model: nn.Module) -> list[tuple[str, str]]:
         if isinstance(module, nn.Sequential):
             children = list(module.named_children())
             for (name_a, a), (name_b, b) in zip(children, children[1:]):
-                if isinstance(a, _FOLDABLE) and _is_batch_norm(b):
+                if isinstance(a, _FOLDABLE) and _is_foldable(b):
                     join = f"{prefix}." if prefix else ""
                     pairs.append((join + name_a, join + name_b))
     return pairs
@@ -109,7 +115,7 @@ def _replace(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` with every BN that follows a Conv or Linear folded into it.
+    """An eval-mode copy of `model` with every BN (or FrozenBatchNorm) after a Conv or Linear folded into it.
 
     Pairs are found by symbolic tracing (torch.fx), so a BN is folded only when its input is the
     convolution's output and nothing else reads that output; models fx cannot trace fall back to
@@ -136,30 +142,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         _fold_into(folded.get_submodule(layer_name), folded.get_submodule(bn_name))
         _replace(folded, bn_name, nn.Identity())
     return folded
-
-
-class _Moments:
-    """Exact per-channel count, mean and M2 over many batches (Chan's merge, float64)."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, None, None
-
-    def add(self, x: Tensor) -> None:
-        dims = [0, *range(2, x.dim())]
-        n = x.numel() // x.shape[1]
-        if n == 0:
-            return
-        x = x.double()
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        m2 = var * n
-        if self.mean is None:
-            self.count, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
-        self.count = total
 
 
 def _statistics(m: nn.Module) -> list[Tensor]:
@@ -189,7 +171,7 @@ def recompute_stats(model: nn.Module, batches: Iterable) -> nn.Module:
         raise ValueError("recompute_stats: the model has no batch-norm layer with running statistics")
     modes = {m: m.training for m in model.modules()}
     saved = {m: [t.clone() for t in _statistics(m)] for m in layers}  # the forward passes change them
-    moments = {m: _Moments() for m in layers}
+    moments = {m: PooledMoments() for m in layers}
     hooks = [m.register_forward_pre_hook(lambda m, args: moments[m].add(args[0])) for m in layers]
     seen = 0
     try:
