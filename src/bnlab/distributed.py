@@ -66,6 +66,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from bnlab import functional as F
+from bnlab.functional import _compute_dtype, _per_channel, _reduce_dims
 
 __all__ = [
     "SyncBatchNormFunction",
@@ -169,18 +170,6 @@ def sync_batch_norm(
     )
     _check_backend(input, process_group)
     return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps, process_group)
-
-
-def _reduce_dims(x: Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
-def _per_channel(t: Tensor, x: Tensor) -> Tensor:
-    return t.reshape(1, -1, *([1] * (x.dim() - 2)))
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _all_gather_rows(local: Tensor, process_group) -> Tensor:
