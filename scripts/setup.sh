@@ -10,10 +10,14 @@ python=${PYTHON:-python3}
 torch_spec=${TORCH_SPEC:-torch==2.13.0}
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+pip_install() {
+    # pip's warnings about this machine's unused index folders are noise; its errors still show.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" \
+        2> >(grep -v '^WARNING: Location .* is ignored' >&2)
+}
 # torch first and pinned: a bare `torch` requirement would pull the newest build with its CUDA wheels.
-"${pip[@]}" "$torch_spec"
-"${pip[@]}" -e '.[test]'
+pip_install "$torch_spec"
+pip_install -e '.[test]'
 
 data=/usr/share/datasets/fashion-mnist
 if [ ! -d "$data" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
