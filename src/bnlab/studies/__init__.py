@@ -8,8 +8,13 @@ from bnlab.studies import runs as _runs  # noqa: F401  (registers the shared run
 from bnlab.studies.compare import Compare
 from bnlab.studies.core import Settings, Study, run_study
 from bnlab.studies.lr_sweep import LrSweep
+from bnlab.studies.bias import Bias
+from bnlab.studies.dropout import Dropout
+from bnlab.studies.fixed_affine import FixedAffine
+from bnlab.studies.lite import Lite
+from bnlab.studies.placement import Placement
 
-STUDIES: dict[str, Study] = {study.name: study for study in (Compare(), LrSweep())}
+STUDIES: dict[str, Study] = {study.name: study for study in (Compare(), LrSweep(), Placement(), Bias(), Lite(), FixedAffine(), Dropout())}
 
 
 def get(name: str) -> Study:

@@ -1,0 +1,154 @@
+"""Study `lite`: a "lite" batch norm that does only half of BN's work — which half matters?
+
+Batch norm centers each channel (subtracts the batch mean) and scales it (divides by the batch standard
+deviation), then applies the learned scale and shift. The study trains the BN-LeNet with full BN, with
+mean-only BN (centering only), with variance-only BN (dividing by the standard deviation of the uncentered
+input only) and with no norm, all at the same four places of the same unpadded network, under both presets:
+the high learning rate of the older edition (lr 1.0) is where the halves may differ in stability.
+
+Metrics: final and best test accuracy, final train loss, and the share of full BN's gain over no norm that
+each half recovers, (acc(half) - acc(none)) / (acc(BN) - acc(none)) on the means over seeds. "The half that
+does the work" is the one recovering the larger share (at least WORKING_SHARE, and clearly above no norm);
+it does all of it when its difference to full BN is within the seed-to-seed noise. Stability: diverged runs
+(bnlab.train's criterion) and the peak epoch-average train loss; above twice a uniform guess's loss (2 ln 10)
+the network is confidently wrong, thrown off even where it does not diverge.
+"""
+
+from __future__ import annotations
+
+import math
+
+from bnlab.studies.core import (Outcome, Report, Run, Settings, Study, difference, fmt, markdown_table, mean_curve,
+                                mean_std, plot_epoch_curves, pyplot, save_figure)
+from bnlab.studies.exercise_common import (FULL_SEEDS, config_name, diverged_count, finals, fixed_settings,
+                                           gain_columns, group_results, plot_bars, preset_of, share_of_gain,
+                                           training_params)
+from bnlab.studies.runs import best, history_of
+from bnlab.train import PRESETS
+
+CONFIGS = {"batchnorm": {"norm": "batchnorm"}, "mean-only": {"norm": "mean-only"},
+           "variance-only": {"norm": "variance-only"}, "none": {"norm": None}}
+HALVES = ("mean-only", "variance-only")
+# An epoch-average train loss above twice the cross-entropy of a uniform guess (ln 10) cannot come from a
+# network that merely has not learned yet (it stays near ln 10): it is confidently wrong, thrown off.
+THROWN_OFF_LOSS = 2 * math.log(10)
+# A half "does work" when it recovers at least this share of full BN's gain (and, with several seeds, its
+# gain over no norm is clear).
+WORKING_SHARE = 0.1
+WHAT_IT_DOES = {"batchnorm": "(x - mean) / std", "mean-only": "x - mean", "variance-only": "x / std",
+                "none": "no norm layer"}
+
+
+def peak_loss(result: dict) -> float:
+    """The highest epoch-average train loss of a run (NaN if it finished no epoch)."""
+    return max((h["train_loss"] for h in history_of(result)), default=float("nan"))
+
+
+class Lite(Study):
+    name = "lite"
+    question = ("Which half of batch normalization does the work: subtracting the batch mean only, dividing by the "
+                "batch standard deviation only, or do we need both?")
+    full_runtime = ("about 25 minutes on 2 cores (24 runs of 10 epochs, --jobs 2; ~100 s each, the lite BNs' "
+                    "up to 1.7x slower)")
+
+    def runs(self, settings: Settings) -> list[Run]:
+        return [Run("train", training_params(preset, settings, seed, options))
+                for preset in PRESETS for options in CONFIGS.values() for seed in settings.seed_list(FULL_SEEDS)]
+
+    def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
+        results = group_results(outcomes, lambda p: (preset_of(p), config_name(CONFIGS, p["model_options"])))
+
+        def accuracy(preset, norm):
+            return finals(results[(preset, norm)], "test_acc")
+
+        rows = []
+        for preset in PRESETS:
+            for norm in CONFIGS:
+                rs = results[(preset, norm)]
+                rows.append([preset, norm, WHAT_IT_DOES[norm], fmt(accuracy(preset, norm)),
+                             fmt([best(r) for r in rs]), fmt([peak_loss(r) for r in rs]), fmt(finals(rs, "train_loss")),
+                             *gain_columns(accuracy(preset, norm), accuracy(preset, "batchnorm"),
+                                           accuracy(preset, "none")),
+                             f"{diverged_count(rs)}/{len(rs)}"])
+        table = markdown_table(["preset", "norm", "normalizes", "test acc", "best test acc", "peak train loss",
+                                "train loss", "share of BN's gain", "test acc vs BN", "diverged"], rows)
+
+        conclusions = [line for preset in PRESETS for line in self._preset_findings(preset, accuracy)]
+        conclusions.append(self._stability(results))
+        return Report(
+            title="lite: mean-only and variance-only batch normalization",
+            question=self.question,
+            settings={**fixed_settings(settings),
+                      "norm layers": "after conv1, conv2, fc1 and fc2, each with a learned per-channel scale and "
+                                     "shift; evaluation uses the running statistics the variant uses"},
+            varied={"norm": [f"{name} ({WHAT_IT_DOES[name]})" for name in CONFIGS], "preset": tuple(PRESETS)},
+            sections=[("Results (final epoch, mean ± std over seeds)", table)],
+            conclusions=conclusions,
+            plots=[self._plot_accuracy(accuracy, settings), self._plot_curves(results, settings)],
+        )
+
+    @staticmethod
+    def _preset_findings(preset: str, accuracy) -> list[str]:
+        full, none = accuracy(preset, "batchnorm"), accuracy(preset, "none")
+        gain, verdict = difference(full, none)
+        lines = [f"{preset} preset (lr {PRESETS[preset]['lr']:g}): full BN reaches {fmt(full)} test accuracy vs "
+                 f"{fmt(none)} with no norm ({gain:+.3f}; {verdict}); mean-only reaches "
+                 f"{fmt(accuracy(preset, 'mean-only'))}, variance-only {fmt(accuracy(preset, 'variance-only'))}."]
+        shares = {half: share_of_gain(accuracy(preset, half), full, none) for half in HALVES}
+        if any(share is None for share in shares.values()):
+            lines.append(f"{preset} preset: full BN does not beat no norm, so neither half has a gain to recover.")
+            return lines
+        worker = max(HALVES, key=lambda half: shares[half])
+        other = next(half for half in HALVES if half != worker)
+        recovered = f"{worker} recovers {shares[worker]:.0%} of full BN's gain and {other} {shares[other]:.0%}"
+        if shares[worker] < WORKING_SHARE or difference(accuracy(preset, worker), none)[1] == "within noise":
+            lines.append(f"{preset} preset: {recovered}: neither half alone does the work, BN needs both.")
+            return lines
+        gap, verdict = difference(accuracy(preset, worker), full)
+        if verdict == "within noise":
+            extent = "all of it: it is within noise of full BN"
+        elif verdict == "single seed":
+            extent = f"{gap:+.3f} from full BN (one seed cannot tell whether that is noise)"
+        else:
+            extent = f"not all of it: it stays clearly {'below' if gap < 0 else 'above'} full BN ({gap:+.3f})"
+        lines.append(f"{preset} preset: {recovered}, so the {worker} half does the work here — {extent}.")
+        return lines
+
+    @staticmethod
+    def _stability(results) -> str:
+        unstable = [f"{norm} at the {preset} preset ({diverged_count(results[(preset, norm)])}/"
+                    f"{len(results[(preset, norm)])} runs)"
+                    for preset in PRESETS for norm in CONFIGS if diverged_count(results[(preset, norm)])]
+        diverged = "runs diverged for " + "; ".join(unstable) if unstable else "no run diverged at either preset"
+        thrown = [f"{norm} at the {preset} preset (peak {fmt([peak_loss(r) for r in results[(preset, norm)]], 2)})"
+                  for preset in PRESETS for norm in CONFIGS
+                  if mean_std([peak_loss(r) for r in results[(preset, norm)]])[0] > THROWN_OFF_LOSS]
+        limit = f"twice a uniform guess's loss, 2 ln 10 = {THROWN_OFF_LOSS:.2f}"
+        above = (f"an epoch's average train loss rose above {limit}, for " + "; ".join(thrown) if thrown
+                 else f"no epoch's average train loss rose above {limit}")
+        return f"Stability: {diverged}; {above}."
+
+    @staticmethod
+    def _plot_accuracy(accuracy, settings):
+        plt = pyplot()
+        fig, axes = plt.subplots(1, len(PRESETS), figsize=(9, 3.4), sharey=True)
+        for ax, preset in zip(axes, PRESETS):
+            plot_bars(ax, list(CONFIGS), [accuracy(preset, norm) for norm in CONFIGS], "final test accuracy")
+            ax.set_title(f"{preset} preset (lr {PRESETS[preset]['lr']:g}, batch {PRESETS[preset]['batch_size']})")
+        save_figure(fig, settings.out / "lite_accuracy.png")
+        return "lite_accuracy.png", ("Final test accuracy of full, mean-only and variance-only BN and no norm (bars: "
+                                     "mean over seeds; whiskers: half the range).")
+
+    @staticmethod
+    def _plot_curves(results, settings):
+        plt = pyplot()
+        fig, axes = plt.subplots(2, len(PRESETS), figsize=(10, 6.4), sharex=True)
+        for column, preset in enumerate(PRESETS):
+            for row, (metric, label) in enumerate((("train_loss", "train loss"), ("test_acc", "test accuracy"))):
+                curves = {norm: mean_curve(results[(preset, norm)], metric) for norm in CONFIGS}
+                plot_epoch_curves(axes[row][column], curves, label)
+                axes[row][column].set_title(f"{preset} preset: {label}")
+        axes[1][0].legend(fontsize=8)
+        save_figure(fig, settings.out / "lite_curves.png")
+        return "lite_curves.png", ("Train loss and test accuracy per epoch (mean over seeds); a run that diverged "
+                                   "ends where it stopped.")

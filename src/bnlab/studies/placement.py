@@ -1,0 +1,143 @@
+"""Study `placement`: do we need batch normalization in every layer? (the chapter's exercise 3)
+
+The BN-LeNet carries bnlab's BN after each of its four conv/linear layers ("all"). The study trains the
+same unpadded network with BN after the convolutions only ("conv"), after the two hidden fully connected
+layers only ("linear"), after the first convolution only ("first") and nowhere ("none"), under both
+presets: the current edition's lr 0.1 / batch 128 and the older edition's lr 1.0 / batch 256, where a
+missing norm should matter more.
+
+Metrics: final test accuracy and train loss, and the share of the all-layers gain a placement recovers,
+(acc(placement) - acc(none)) / (acc(all) - acc(none)) on the means over seeds: 100% means that placement
+does as well as BN everywhere, 0% no better than no BN. A partial placement "suffices" when its
+difference to "all" is within the seed-to-seed noise (`difference`).
+"""
+
+from __future__ import annotations
+
+from bnlab.models import PLACEMENTS
+from bnlab.studies.core import (Outcome, Report, Run, Settings, Study, difference, fmt, markdown_table, mean_curve,
+                                plot_epoch_curves, pyplot, save_figure)
+from bnlab.studies.exercise_common import (FULL_SEEDS, NO_NORM, config_name, diverged_count, finals, fixed_settings,
+                                           gain_columns, group_results, plot_bars, preset_of, share_of_gain,
+                                           training_params)
+from bnlab.train import PRESETS
+
+# Placement name -> the model_options that realize it; "none" is the same network without norm layers.
+CONFIGS = {**{name: {"placement": name} for name in PLACEMENTS}, "none": NO_NORM}
+PARTIAL = tuple(name for name in CONFIGS if name not in ("all", "none"))
+
+
+def sites_of(placement: str) -> str:
+    return ", ".join(PLACEMENTS[placement]) if placement in PLACEMENTS else "no norm layer"
+
+
+class Placement(Study):
+    name = "placement"
+    question = ("Do we need batch normalization in every layer, or does BN after only the convolutions, only the "
+                "fully connected layers or only the first layer recover its gain?")
+    full_runtime = "about 25 minutes on 2 cores (30 runs of 10 epochs at ~100 s each, --jobs 2)"
+
+    def runs(self, settings: Settings) -> list[Run]:
+        return [Run("train", training_params(preset, settings, seed, options))
+                for preset in PRESETS for options in CONFIGS.values() for seed in settings.seed_list(FULL_SEEDS)]
+
+    def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
+        results = group_results(outcomes, lambda p: (preset_of(p), config_name(CONFIGS, p["model_options"])))
+
+        def accuracy(preset, placement):
+            return finals(results[(preset, placement)], "test_acc")
+
+        rows = []
+        for preset in PRESETS:
+            for placement in CONFIGS:
+                rs = results[(preset, placement)]
+                rows.append([preset, placement, sites_of(placement), fmt(accuracy(preset, placement)),
+                             fmt(finals(rs, "train_loss")),
+                             *gain_columns(accuracy(preset, placement), accuracy(preset, "all"), accuracy(preset, "none")),
+                             f"{diverged_count(rs)}/{len(rs)}"])
+        table = markdown_table(["preset", "placement", "norm after", "test acc", "train loss", "share of all-layers gain",
+                                "test acc vs all", "diverged"], rows)
+
+        conclusions = [line for preset in PRESETS for line in self._preset_findings(preset, accuracy)]
+        conclusions.append(self._where_placement_matters(accuracy))
+        settings_table = {**fixed_settings(settings), "norm": "bnlab's BatchNorm (batch statistics in training, "
+                          "running statistics in evaluation)"}
+        return Report(
+            title="placement: do we need batch normalization in every layer?",
+            question=self.question,
+            settings=settings_table,
+            varied={"placement": [f"{name} ({sites_of(name)})" for name in CONFIGS], "preset": tuple(PRESETS)},
+            sections=[("Results (final epoch, mean ± std over seeds)", table)],
+            conclusions=conclusions,
+            plots=[self._plot_accuracy(accuracy, settings), self._plot_curves(results, settings)],
+        )
+
+    @staticmethod
+    def _preset_findings(preset: str, accuracy) -> list[str]:
+        full, none = accuracy(preset, "all"), accuracy(preset, "none")
+        gain, verdict = difference(full, none)
+        lines = [f"{preset} preset (lr {PRESETS[preset]['lr']:g}): BN after every layer reaches {fmt(full)} test "
+                 f"accuracy vs {fmt(none)} with no BN ({gain:+.3f}; {verdict})."]
+        shares = {name: share_of_gain(accuracy(preset, name), full, none) for name in PARTIAL}
+        if any(share is None for share in shares.values()):
+            lines.append(f"{preset} preset: BN everywhere does not beat no BN, so there is no gain for partial "
+                         f"placements to recover; their accuracies: "
+                         + ", ".join(f"{name} {fmt(accuracy(preset, name))}" for name in PARTIAL) + ".")
+            return lines
+        best = max(PARTIAL, key=lambda name: shares[name])
+        lines.append(f"{preset} preset: the share of that gain each partial placement recovers — "
+                     + ", ".join(f"{name} ({sites_of(name)}) {shares[name]:.0%}" for name in PARTIAL) + ".")
+        gap, verdict = difference(accuracy(preset, best), full)
+        if verdict == "single seed":
+            answer = "one seed cannot tell whether that difference is noise"
+        elif verdict == "within noise":
+            answer = f"within noise of BN everywhere, so BN is not needed in every layer here: {best} suffices"
+        elif gap < 0:
+            answer = "clearly below BN everywhere, so every layer's BN contributes here"
+        else:
+            answer = "clearly above BN everywhere, so adding BN to the other layers hurts here"
+        lines.append(f"{preset} preset: the best partial placement, {best}, is {gap:+.3f} from BN everywhere: {answer}.")
+        return lines
+
+    @staticmethod
+    def _where_placement_matters(accuracy) -> str:
+        """Compare the presets by the mean share of the all-layers gain that the partial placements recover."""
+        mean_share = {}
+        for preset in PRESETS:
+            shares = [share_of_gain(accuracy(preset, name), accuracy(preset, "all"), accuracy(preset, "none"))
+                      for name in PARTIAL]
+            if all(share is not None for share in shares):
+                mean_share[preset] = sum(shares) / len(shares)
+        if len(mean_share) < len(PRESETS):
+            return "BN everywhere does not beat no BN at every preset, so the presets cannot be compared by shares."
+        costlier = min(mean_share, key=mean_share.get)
+        return ("On average the partial placements recover "
+                + " and ".join(f"{mean_share[p]:.0%} of the gain at the {p} preset (lr {PRESETS[p]['lr']:g})"
+                               for p in PRESETS)
+                + f": leaving layers without BN costs more at the {costlier} preset.")
+
+    @staticmethod
+    def _plot_accuracy(accuracy, settings):
+        plt = pyplot()
+        fig, axes = plt.subplots(1, len(PRESETS), figsize=(9, 3.4), sharey=True)
+        for ax, preset in zip(axes, PRESETS):
+            plot_bars(ax, list(CONFIGS), [accuracy(preset, name) for name in CONFIGS], "final test accuracy")
+            ax.set_title(f"{preset} preset (lr {PRESETS[preset]['lr']:g}, batch {PRESETS[preset]['batch_size']})")
+        save_figure(fig, settings.out / "placement_accuracy.png")
+        return "placement_accuracy.png", ("Final test accuracy per BN placement (bars: mean over seeds; whiskers: "
+                                          "half the range). all: after conv1, conv2, fc1, fc2; conv: conv1, conv2; "
+                                          "linear: fc1, fc2; first: conv1; none: no BN.")
+
+    @staticmethod
+    def _plot_curves(results, settings):
+        plt = pyplot()
+        fig, axes = plt.subplots(2, len(PRESETS), figsize=(10, 6.4), sharex=True)
+        for column, preset in enumerate(PRESETS):
+            for row, (metric, label) in enumerate((("train_loss", "train loss"), ("test_acc", "test accuracy"))):
+                curves = {name: mean_curve(results[(preset, name)], metric) for name in CONFIGS}
+                plot_epoch_curves(axes[row][column], curves, label)
+                axes[row][column].set_title(f"{preset} preset: {label}")
+        axes[1][0].legend(fontsize=8)
+        save_figure(fig, settings.out / "placement_curves.png")
+        return "placement_curves.png", "Train loss and test accuracy per epoch for every placement (mean over seeds)."
+
