@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -232,9 +233,14 @@ def difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
 # ---- the report -------------------------------------------------------------------------------------
 
 
+def _cell(value) -> str:
+    # A bare | would split the cell; one already escaped (\|) stays as it is.
+    return re.sub(r"(?<!\\)\|", r"\\|", str(value))
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines = ["| " + " | ".join(map(_cell, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
     return "\n".join(lines)
 
 
