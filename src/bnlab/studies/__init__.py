@@ -13,8 +13,14 @@ from bnlab.studies.dropout import Dropout
 from bnlab.studies.fixed_affine import FixedAffine
 from bnlab.studies.lite import Lite
 from bnlab.studies.placement import Placement
+from bnlab.studies.batch_size import BatchSize
+from bnlab.studies.depth import Depth
+from bnlab.studies.layer_norm import LayerNormStudy
+from bnlab.studies.population_stats import PopulationStats
+from bnlab.studies.research import Research
+from bnlab.studies.smoothness import Smoothness
 
-STUDIES: dict[str, Study] = {study.name: study for study in (Compare(), LrSweep(), Placement(), Bias(), Lite(), FixedAffine(), Dropout())}
+STUDIES: dict[str, Study] = {study.name: study for study in (Compare(), LrSweep(), Placement(), Bias(), Lite(), FixedAffine(), Dropout(), BatchSize(), PopulationStats(), Depth(), LayerNormStudy(), Research(), Smoothness())}
 
 
 def get(name: str) -> Study:

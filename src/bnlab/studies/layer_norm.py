@@ -1,0 +1,163 @@
+"""Study `layer-norm`: batch norm against the normalizations that do not depend on the batch.
+
+The chapter's BN-LeNet is trained with each of four normalization layers in the same places (after
+every convolution and linear layer, before the sigmoid; `bnlab.models.NORM_LAYERS`):
+
+- batchnorm: per channel over the batch (and H, W), running statistics at prediction;
+- layernorm: per sample over all features (over C, H, W on a convolution: GroupNorm with one group);
+- groupnorm: per sample over groups of at most 4 channels (6 -> 3 groups, 16 -> 4, 120 -> 30, 84 -> 21);
+- instancenorm: per sample and channel over H, W on a convolution; a linear layer's instance would be
+  a single value, so the fully connected layers get layer norm.
+
+Only batch norm depends on the other samples of the batch, so it alone should suffer at tiny batches.
+Each is trained at the default batch size (128) and at sizes where BN struggles (2, 4, 16), for the
+same number of epochs on the same training subset at every size. The learning rate follows one rule
+for every normalization, `claims_common.scaled_lr` (0.1 * sqrt(batch / 128), square-root scaling from
+the current edition's 0.1 at 128). The metric is the final test accuracy (eval mode), mean ± std over
+seeds; at each batch size the winner is the normalization with the highest mean, and `difference`
+says which others are within seed noise of it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from bnlab.studies.claims_common import plot_against_batch_size, round_lr, scaled_lr
+from bnlab.studies.core import (Outcome, Report, Run, Settings, Study, difference, fmt, markdown_table, mean_curve,
+                                mean_std, plot_epoch_curves, pyplot, save_figure)
+from bnlab.studies.runs import final
+
+NORMS = ("batchnorm", "layernorm", "groupnorm", "instancenorm")
+FULL_BATCHES, QUICK_BATCHES = (2, 4, 16, 128), (2, 16, 128)
+FULL_DATA = {"train_subset": 10000}  # test: all 10000
+QUICK_DATA = {"train_subset": 2000, "test_subset": 1000}
+FULL_EPOCHS, QUICK_EPOCHS = 5, 2
+FULL_SEEDS = 3
+
+
+class LayerNormStudy(Study):
+    name = "layer-norm"
+    question = ("Which normalization — batch, layer, group or instance norm — works best in LeNet at the default "
+                "batch size, and at the small batch sizes where batch norm struggles?")
+    full_runtime = "about 25 minutes on 2 cores (48 runs of 5 epochs on 10000 examples, --jobs 2)"
+
+    def plan(self, settings: Settings) -> tuple[tuple[int, ...], dict, int]:
+        if settings.quick:
+            return QUICK_BATCHES, QUICK_DATA, QUICK_EPOCHS
+        return FULL_BATCHES, FULL_DATA, FULL_EPOCHS
+
+    def runs(self, settings: Settings) -> list[Run]:
+        batches, data_options, epochs = self.plan(settings)
+        return [Run("train", {"model": "bn-lenet", "model_options": {"norm": norm}, "batch_size": size,
+                              "lr": round_lr(scaled_lr(size)), "epochs": epochs, "seed": seed, **data_options})
+                for norm in NORMS for size in batches for seed in settings.seed_list(FULL_SEEDS)]
+
+    def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
+        batches, data_options, epochs = self.plan(settings)
+        results = defaultdict(list)
+        for o in outcomes:
+            results[(o.run.params["model_options"]["norm"], o.run.params["batch_size"])].append(o.result)
+        accuracy = {key: [final(r, "test_acc") for r in rs if r["status"] == "ok"] for key, rs in results.items()}
+
+        rows = [[norm] + [self._cell(results[(norm, size)], accuracy[(norm, size)]) for size in batches]
+                for norm in NORMS]
+        table = markdown_table(["normalization"] + [f"batch {size} (lr {round_lr(scaled_lr(size)):g})" for size in batches],
+                               rows)
+
+        conclusions = [self._winner(size, accuracy) for size in batches]
+        conclusions += self._batch_norm_findings(batches, accuracy)
+        plots = [self._plot_accuracy(batches, accuracy, settings), self._plot_curves(batches, results, settings)]
+        return Report(
+            title="layer-norm: batch, layer, group and instance normalization across batch sizes",
+            question=self.question,
+            settings={
+                "data": "Fashion-MNIST, seeded subsets " + ", ".join(f"{k}={v}" for k, v in data_options.items())
+                        + ("" if "test_subset" in data_options else " (test: all 10000)"),
+                "model": "bn-lenet (sigmoid, average pooling, unpadded first convolution) with the normalization "
+                         "after every conv and linear layer",
+                "normalizations": "batchnorm per channel over the batch; layernorm per sample over C, H, W (all "
+                                  "features on a linear layer); groupnorm per sample over groups of at most 4 channels; "
+                                  "instancenorm per sample and channel over H, W, layer norm on the linear layers",
+                "epochs": f"{epochs} at every batch size (matched epochs on the same subset)",
+                "learning rate": "0.1 * sqrt(batch / 128), 3 significant digits: "
+                                 + ", ".join(f"{round_lr(scaled_lr(size)):g} at {size}" for size in batches),
+                "optimizer": "plain SGD, no momentum",
+                "seeds": len(settings.seed_list(FULL_SEEDS)),
+                "metric": "final-epoch test accuracy in eval mode (batch norm: running statistics)",
+            },
+            varied={"normalization": NORMS, "batch size": batches},
+            sections=[("Final test accuracy (mean ± std over seeds)", table)],
+            conclusions=conclusions,
+            plots=plots,
+        )
+
+    @staticmethod
+    def _cell(results: list[dict], accuracy: list[float]) -> str:
+        diverged = len(results) - len(accuracy)
+        return fmt(accuracy) + (f" ({diverged} diverged)" if diverged else "")
+
+    @staticmethod
+    def _ranked(size, accuracy) -> list[str]:
+        """The normalizations that did not diverge at `size`, best mean first."""
+        scored = [norm for norm in NORMS if accuracy[(norm, size)]]
+        return sorted(scored, key=lambda norm: -mean_std(accuracy[(norm, size)])[0])
+
+    def _winner(self, size, accuracy) -> str:
+        ranked = self._ranked(size, accuracy)
+        if not ranked:
+            return f"Batch {size}: every normalization diverged."
+        best = ranked[0]
+        others = []
+        for norm in ranked[1:]:
+            gap, how = difference(accuracy[(norm, size)], accuracy[(best, size)])
+            others.append(f"{norm} {fmt(accuracy[(norm, size)])} ({gap:+.3f}, {how})")
+        return (f"Batch {size}: {best} wins with {fmt(accuracy[(best, size)])}"
+                + (f"; {', '.join(others)}" if others else "") + ".")
+
+    def _batch_norm_findings(self, batches, accuracy) -> list[str]:
+        lines = []
+        small, default = min(batches), max(batches)
+        for size in (small, default):
+            ranked = [norm for norm in self._ranked(size, accuracy) if norm != "batchnorm"]
+            if not ranked or not accuracy[("batchnorm", size)]:
+                continue
+            rival = ranked[0]
+            gap, how = difference(accuracy[("batchnorm", size)], accuracy[(rival, size)])
+            if how == "clear":
+                relation = "beats" if gap > 0 else "loses to"
+            else:
+                relation = "is level with" if how == "within noise" else ("leads" if gap > 0 else "trails")
+            lines.append(f"At batch {size}, batch norm {relation} the best batch-independent normalization, {rival} "
+                         f"({gap:+.3f}, {how}).")
+        ranks = {size: self._ranked(size, accuracy) for size in batches}
+        placed = [f"{ranks[size].index('batchnorm') + 1} of {len(ranks[size])} at batch {size}"
+                  for size in batches if "batchnorm" in ranks[size]]
+        if placed:
+            lines.append("Batch norm's rank among the normalizations by mean test accuracy: " + ", ".join(placed) + ".")
+        return lines
+
+    @staticmethod
+    def _plot_accuracy(batches, accuracy, settings):
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        plot_against_batch_size(ax, {norm: {size: accuracy[(norm, size)] for size in batches} for norm in NORMS},
+                                "final test accuracy")
+        ax.legend(fontsize=8)
+        save_figure(fig, settings.out / "layer_norm_accuracy.png")
+        return ("layer_norm_accuracy.png",
+                "Final test accuracy per normalization against the batch size (mean ± std over seeds; lr = "
+                "0.1·sqrt(batch/128)).")
+
+    @staticmethod
+    def _plot_curves(batches, results, settings):
+        plt = pyplot()
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+        for ax, size in zip(axes, (min(batches), max(batches))):
+            plot_epoch_curves(ax, {norm: mean_curve(results[(norm, size)], "test_acc") for norm in NORMS},
+                              "test accuracy")
+            ax.set_title(f"batch {size}")
+        axes[0].legend(fontsize=8)
+        save_figure(fig, settings.out / "layer_norm_curves.png")
+        return ("layer_norm_curves.png",
+                f"Test accuracy per epoch (mean over seeds) at the smallest ({min(batches)}) and the default "
+                f"({max(batches)}) batch size.")
