@@ -475,7 +475,7 @@ def _train_epoch(net, optimizer, dataset, config, device, epoch, first_loss, pro
             loss.backward()
             optimizer.step()
             value = loss.item()  # one sync per batch: the divergence check needs it anyway
-            first_loss = _check_divergence(value, first_loss, epoch, batch, config.lr)
+            first_loss = check_divergence(value, first_loss, epoch, batch, config.lr)
             loss_sum += value * len(y)
             correct += (logits.argmax(dim=1) == y).sum()
             bar.update(value)
@@ -487,7 +487,7 @@ def _train_epoch(net, optimizer, dataset, config, device, epoch, first_loss, pro
     return EpochMetrics(epoch, loss_sum / n, correct.item() / n, test_loss, test_acc, n / seconds), first_loss
 
 
-def _check_divergence(value: float, first_loss: Optional[float], epoch: int, batch: int, lr: float) -> float:
+def check_divergence(value: float, first_loss: Optional[float], epoch: int, batch: int, lr: float) -> float:
     """Raise Diverged if the batch's loss `value` blew up; the first loss of the run (this one if none yet)."""
     if first_loss is None:
         first_loss = value
@@ -656,7 +656,7 @@ def _train_epoch_data_parallel(ddp, optimizer, dataset, config, device, epoch, f
         for batch, (x, y) in enumerate(batches, start=1):
             batch_totals = data_parallel_step(ddp, optimizer, x, y)
             value = batch_totals[0].item() / len(y)
-            first_loss = _check_divergence(value, first_loss, epoch, batch, config.lr)
+            first_loss = check_divergence(value, first_loss, epoch, batch, config.lr)
             totals += batch_totals
             bar.update(value)
     finally:

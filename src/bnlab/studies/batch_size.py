@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 
 from bnlab.data import FashionMNIST
-from bnlab.studies.claims_common import plot_against_batch_size, round_lr, scaled_lr, trained_network
+from bnlab.studies.claims_common import plot_against_batch_size, round_lr, scaled_lr
+from bnlab.studies.runs import trained_network
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
                                 mean_std, pyplot, run_kind, save_figure)
 from bnlab.studies.runs import train_run

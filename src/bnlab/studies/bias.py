@@ -35,7 +35,8 @@ from bnlab.models import NORM_SITES, build_model, norm_layers
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
                                 mean_curve, plot_epoch_curves, pyplot, run_kind, save_figure)
 from bnlab.studies.exercise_common import (FULL_SEEDS, MODEL, config_name, finals, fixed_settings, group_results,
-                                           preset_of, trained_network, training_data, training_params)
+                                           preset_of, training_params)
+from bnlab.studies.runs import trained_network, training_data
 from bnlab.train import PRESETS, epoch_seed
 
 PROBE_BATCHES = 8

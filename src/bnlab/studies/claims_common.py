@@ -1,19 +1,14 @@
 """Pieces shared by the studies that test the chapter's claims (batch-size, population-stats, depth,
-layer-norm): the learning-rate rule across batch sizes, getting a trained network back from a
-training run, and a plot of accuracy against batch size.
+layer-norm): the learning-rate rule across batch sizes and a plot of accuracy against batch size.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
-from torch import nn
-
-from bnlab.models import build_model
-from bnlab.studies.core import LINE_STYLES, RunContext, mean_std
-from bnlab.studies.runs import train_run
-from bnlab.train import PRESETS, load_checkpoint
+from bnlab.studies.core import LINE_STYLES, mean_std
+from bnlab.train import PRESETS
 
 REFERENCE = PRESETS["current"]  # the current edition's lr 0.1 at batch 128 anchors the rule below
 
@@ -33,19 +28,6 @@ def round_lr(lr: float) -> float:
     """Three significant digits: readable in tables and stable as part of a run's cache key."""
     return float(f"{lr:.3g}")
 
-
-def trained_network(params: dict, context: RunContext) -> tuple[dict, Optional[nn.Module]]:
-    """Train as the shared "train" run kind does (resumable), then rebuild the trained network.
-
-    Returns the training result and the network of the last epoch's checkpoint in eval mode, or None
-    for the network when the run diverged (its checkpoint would hold an earlier epoch).
-    """
-    result = train_run(params, context)
-    if result["status"] != "ok":
-        return result, None
-    net = build_model(params["model"], pool=params.get("pool", "avg"), **params.get("model_options", {}))
-    net.load_state_dict(load_checkpoint(context.run_dir)["model"])
-    return result, net.eval()
 
 
 def plot_against_batch_size(ax, series: dict[str, dict[int, Sequence[float]]], ylabel: str) -> None:

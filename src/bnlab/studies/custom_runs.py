@@ -23,7 +23,7 @@ from torch.func import functional_call
 from bnlab import data as data_mod
 from bnlab.models import build_model
 from bnlab.studies.core import RunContext
-from bnlab.train import Diverged, _check_divergence, epoch_seed, evaluate, load_checkpoint, save_checkpoint
+from bnlab.train import Diverged, check_divergence, epoch_seed, evaluate, load_checkpoint, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def _epoch(net, optimizer, dataset, spec: LoopSpec, epoch: int, first_loss, hook
         optimizer.step()
         seconds += time.perf_counter() - start
         value = loss.item()
-        first_loss = _check_divergence(value, first_loss, epoch, batch, spec.lr)  # the trainer's criterion
+        first_loss = check_divergence(value, first_loss, epoch, batch, spec.lr)  # the trainer's criterion
         loss_sum += value * len(y)
         correct += int((logits.argmax(dim=1) == y).sum())
     test_loss, test_acc = evaluate(net, dataset.test_images, dataset.test_labels, torch.device("cpu"))

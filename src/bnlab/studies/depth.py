@@ -42,7 +42,7 @@ from bnlab.nn import BatchNorm1d
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, fmt, markdown_table, mean_std,
                                 pyplot, run_kind, save_figure)
 from bnlab.studies.runs import final
-from bnlab.train import Diverged, _check_divergence, epoch_seed, evaluate
+from bnlab.train import Diverged, check_divergence, epoch_seed, evaluate
 
 DEPTHS = (10, 30, 100)
 WIDTH = 128
@@ -119,7 +119,7 @@ def train_epochs(net: nn.Module, dataset, lr: float, epochs: int, seed: int) -> 
                 loss.backward()
                 optimizer.step()
                 value = loss.item()
-                first_loss = _check_divergence(value, first_loss, epoch, batch, lr)
+                first_loss = check_divergence(value, first_loss, epoch, batch, lr)
                 loss_sum += value * len(y)
                 correct += (logits.argmax(dim=1) == y).sum().item()
         except Diverged as exc:

@@ -19,7 +19,8 @@ from __future__ import annotations
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
                                 mean_curve, mean_std, plot_epoch_curves, pyplot, run_kind, save_figure)
 from bnlab.studies.exercise_common import (FULL_SEEDS, NO_NORM, config_name, finals, fixed_settings, group_results,
-                                           plot_bars, preset_of, trained_network, training_data, training_params)
+                                           plot_bars, preset_of, training_params)
+from bnlab.studies.runs import trained_network, training_data
 from bnlab.train import PRESETS, evaluate
 
 DROPOUT = 0.5

@@ -1,6 +1,5 @@
 """Pieces shared by the studies that answer the chapter's exercises (placement, bias, lite, fixed-affine,
-dropout): the run parameters of both presets, training a run and getting its trained network back, grouping
-outcomes by configuration, the share of a gain a variant recovers, and a bar plot of means over seeds.
+dropout): the run parameters of both presets, grouping outcomes by configuration, the share of a gain a variant recovers, and a bar plot of means over seeds.
 
 Every exercise study trains the chapter's unpadded BN-LeNet ("bn-lenet", bnlab's BN) and varies one
 LeNetConfig option through ``model_options``; its "no norm" configuration is the same unpadded
@@ -12,12 +11,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable, Hashable, Optional, Sequence
 
-from torch import nn
-
-from bnlab.models import build_model
-from bnlab.studies.core import Outcome, RunContext, Settings, difference, mean_std
-from bnlab.studies.runs import final, train_run
-from bnlab.train import PRESETS, load_checkpoint
+from bnlab.studies.core import Outcome, Settings, difference, mean_std
+from bnlab.studies.runs import final
+from bnlab.train import PRESETS
 
 QUICK_DATA = {"train_subset": 6000, "test_subset": 2000}
 QUICK_EPOCHS = 2
@@ -65,23 +61,6 @@ def fixed_settings(settings: Settings) -> dict:
     }
 
 
-def trained_network(params: dict, context: RunContext) -> tuple[dict, Optional[nn.Module]]:
-    """Train as the shared "train" run kind does (resumable), then rebuild the network from its checkpoint.
-
-    Returns the training result and the trained network in eval mode, or None in its place when the run
-    diverged (its checkpoint would hold an earlier epoch, not a trained model).
-    """
-    result = train_run(params, context)
-    if result["status"] != "ok":
-        return result, None
-    net = build_model(params["model"], pool=params.get("pool", "avg"), **params.get("model_options", {}))
-    net.load_state_dict(load_checkpoint(context.run_dir)["model"])
-    return result, net.eval()
-
-
-def training_data(params: dict, context: RunContext):
-    """The data set exactly as the training run saw it (the same seeded subsets)."""
-    return context.dataset().subset(params.get("train_subset"), params.get("test_subset"), seed=params["seed"])
 
 
 def group_results(outcomes: Sequence[Outcome], key: Callable[[dict], Hashable]) -> dict:

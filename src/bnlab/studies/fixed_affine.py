@@ -16,8 +16,8 @@ from __future__ import annotations
 from bnlab.models import NORM_SITES, norm_layers
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
                                 mean_curve, mean_std, plot_epoch_curves, pyplot, run_kind, save_figure)
-from bnlab.studies.exercise_common import (FULL_SEEDS, config_name, finals, fixed_settings, group_results, preset_of,
-                                           trained_network, training_params)
+from bnlab.studies.exercise_common import (FULL_SEEDS, config_name, finals, fixed_settings, group_results, preset_of, training_params)
+from bnlab.studies.runs import trained_network
 from bnlab.train import PRESETS
 
 CONFIGS = {"learned": {}, "fixed": {"learn_affine": False}}

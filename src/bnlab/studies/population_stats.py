@@ -31,7 +31,7 @@ from torch import nn
 from bnlab import data
 from bnlab.models import norm_layers
 from bnlab.nn import recompute_stats
-from bnlab.studies.claims_common import trained_network
+from bnlab.studies.runs import trained_network
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
                                 mean_std, pyplot, run_kind, save_figure)
 from bnlab.studies.runs import history_of

@@ -22,6 +22,28 @@ def best(result: dict, metric: str = "test_acc", default=float("nan")) -> float:
     return max(h[metric] for h in history) if history else default
 
 
+def trained_network(params: dict, context: RunContext):
+    """Train as the "train" run kind does (resumable), then rebuild the trained network from its checkpoint.
+
+    Returns (result, the network in eval mode), or (result, None) when the run diverged: its checkpoint
+    would hold an earlier epoch, not a trained model.
+    """
+    from bnlab.models import build_model
+    from bnlab.train import load_checkpoint
+
+    result = train_run(params, context)
+    if result["status"] != "ok":
+        return result, None
+    net = build_model(params["model"], pool=params.get("pool", "avg"), **params.get("model_options", {}))
+    net.load_state_dict(load_checkpoint(context.run_dir)["model"])
+    return result, net.eval()
+
+
+def training_data(params: dict, context: RunContext):
+    """The data set exactly as the training run saw it (the same seeded subsets)."""
+    return context.dataset().subset(params.get("train_subset"), params.get("test_subset"), seed=params["seed"])
+
+
 @run_kind("train")
 def train_run(params: dict, context: RunContext) -> dict:
     """`bnlab train` with `params` as TrainConfig fields, in a resumable run directory.
