@@ -14,10 +14,11 @@ n values per channel, is derived by hand rather than by autograd through the ele
     dx       = weight * invstd * (dy - sum(dy) / n - x_hat * sum(dy * x_hat) / n)    (training)
     dx       = weight * invstd * dy                                               (evaluation)
 
-Two implementations compute it: the compiled CPU kernels (`bnlab.kernels`, float32 and float64) and
-a pure-PyTorch path (any device and floating dtype); `BNLAB_KERNELS` chooses, and the tests hold them
-to each other. Double backward goes through the pure-PyTorch formula above, which autograd can
-differentiate.
+Two implementations compute it: the compiled operator `bnlab::batch_norm` (`bnlab.kernels`: CPU
+kernels and an autograd function in C++, float32 and float64) and a pure-PyTorch path
+(`BatchNormFunction`, any device and floating dtype); `BNLAB_KERNELS` chooses, and the tests hold them
+to each other. Double backward goes through the backward formula above written in tensor ops, which
+autograd can differentiate (both implementations do this when the graph is being recorded).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ MOMENTUM_CONVENTIONS = {
 }
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_KERNEL_DTYPES = frozenset(kernels.KernelLibrary.DTYPES)
+_KERNEL_DTYPES = frozenset(kernels.DTYPES)
 
 
 def convert_momentum(momentum: float, source: str, target: str = "torch") -> float:
@@ -193,12 +194,20 @@ def check_mode(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 def batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
     """`batch_norm` for callers that have run `check_input` already (the layers): each check once."""
     check_mode(input, running_mean, running_var, training)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
+    """The transform, arguments unchecked: the compiled operator when it applies, else PyTorch ops."""
+    lib = kernels.library()
+    if lib is not None and _compiled_supported(input, weight, bias, running_mean, running_var):
+        return lib.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
     if torch.is_grad_enabled() and (
         input.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
     ):
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
+        return BatchNormFunction.apply(input, weight, bias, (running_mean, running_var, training, momentum, eps))
     # Nothing to differentiate (inference, or under no_grad): skip autograd's bookkeeping.
-    return _forward(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+    return _forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
 
 
 def _reduce_dims(x: Tensor) -> list[int]:
@@ -274,19 +283,7 @@ def _backward_torch(x, dy, weight, mean, invstd, training, eps, needs):
     return dx, dw, db
 
 
-# ---- compiled path ----------------------------------------------------------------------------------
-
-
-def _kernel_view(x: Tensor) -> tuple[Tensor, int, int, int]:
-    """The kernels' view of x: (x, N, C, S) for planar (N, C, S) memory, (x, M, C, 0) for interleaved
-    (M, C) memory (2D input and channels-last); any other layout is copied to contiguous first."""
-    n, c = x.shape[0], x.shape[1]
-    if not x.is_contiguous():
-        if x.dim() > 2 and x.movedim(1, -1).is_contiguous():
-            return x, x.numel() // c, c, 0
-        x = x.contiguous()
-    spatial = x.numel() // (n * c)
-    return (x, n, c, spatial) if spatial > 1 else (x, n, c, 0)
+# ---- which path -------------------------------------------------------------------------------------
 
 
 def _compiled_supported(input: Tensor, *per_channel: Optional[Tensor]) -> bool:
@@ -301,63 +298,21 @@ def _compiled_supported(input: Tensor, *per_channel: Optional[Tensor]) -> bool:
     return True
 
 
-def _ptr(t: Optional[Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
-
-
-def _forward_compiled(lib, input, weight, bias, running_mean, running_var, training, momentum, eps):
-    x, n, c, s = _kernel_view(input)
-    y = torch.empty_like(x)
-    invstd = x.new_empty(c)
-    if training:
-        mean = x.new_empty(c)
-        lib.forward_train[x.dtype](
-            x.data_ptr(), y.data_ptr(), n, c, s, _ptr(weight), _ptr(bias), mean.data_ptr(),
-            invstd.data_ptr(), _ptr(running_mean), _ptr(running_var), momentum, eps,
-        )
-        updated = [t for t in (running_mean, running_var) if t is not None]
-        if updated:  # written through a pointer: tell autograd, as an in-place op would
-            torch.autograd.graph.increment_version(updated)
-    else:
-        mean = running_mean
-        lib.forward_eval[x.dtype](
-            x.data_ptr(), y.data_ptr(), n, c, s, _ptr(weight), _ptr(bias), mean.data_ptr(),
-            running_var.data_ptr(), invstd.data_ptr(), eps,
-        )
-    return y, mean, invstd
-
-
-def _backward_compiled(lib, x, dy, weight, mean, invstd, training, needs):
-    x, n, c, s = _kernel_view(x)
-    dy = _in_layout_of(x, dy)
-    dx = torch.empty_like(x) if needs[0] else None
-    dw = mean.new_empty(c) if needs[1] else None
-    db = mean.new_empty(c) if needs[2] else None
-    lib.backward[x.dtype](
-        x.data_ptr(), dy.data_ptr(), _ptr(dx), n, c, s, mean.data_ptr(), invstd.data_ptr(),
-        _ptr(weight), _ptr(dw), _ptr(db), int(training),
-    )
-    return dx, dw, db
-
-
-def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
-    """(y, mean, invstd, compiled): the compiled kernels when they apply, else the pure-PyTorch path."""
-    lib = kernels.library()
-    if lib is not None and _compiled_supported(input, weight, bias, running_mean, running_var):
-        return (*_forward_compiled(lib, input, weight, bias, running_mean, running_var, training, momentum, eps), True)
-    return (*_forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps), False)
-
-
 class BatchNormFunction(torch.autograd.Function):
-    """Batch normalization with a hand-derived backward (see the module docstring for the formulas).
+    """Batch normalization with a hand-derived backward, in PyTorch tensor ops (see the module docstring
+    for the formulas): the path for devices and dtypes the compiled operator does not take. Its twin
+    for CPU float32/float64 is the C++ autograd function behind `bnlab::batch_norm`.
 
-    Saves the input, the weight and the per-channel mean and inverse standard deviation: nothing of
-    input size beyond the input itself.
+    ``BatchNormFunction.apply(input, weight, bias, state)`` with ``state = (running_mean, running_var,
+    training, momentum, eps)``: the arguments autograd never differentiates travel in one tuple, which
+    makes each call measurably cheaper. Saves the input, the weight and the per-channel mean and inverse
+    standard deviation: nothing of input size beyond the input itself.
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, mean, invstd, ctx.compiled = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    def forward(ctx, input, weight, bias, state):
+        running_mean, running_var, training, momentum, eps = state
+        y, mean, invstd = _forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training, ctx.eps = training, eps
         return y
@@ -365,12 +320,8 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if ctx.compiled and not torch.is_grad_enabled():
-            grads = _backward_compiled(kernels.library(), x, dy, weight, mean, invstd, ctx.training, needs)
-        else:
-            grads = _backward_torch(x, dy, weight, mean, invstd, ctx.training, ctx.eps, needs)
-        return (*grads, None, None, None, None, None)
+        grads = _backward_torch(x, dy, weight, mean, invstd, ctx.training, ctx.eps, ctx.needs_input_grad[:3])
+        return (*grads, None)
 
 
 # =====================================================================================================
@@ -415,10 +366,10 @@ def per_channel_affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
 def _standardize(view: Tensor, eps: float) -> Tensor:
     """Zero mean and unit variance per dim-1 slice of an (N, C, ...) view, over every other dim.
 
-    Calls BatchNormFunction directly: no running statistics, no affine, and no "more than one value"
+    Calls `_batch_norm` directly: no running statistics, no affine, and no "more than one value"
     check (a single value normalizes to 0, as torch's layer and group norm give).
     """
-    return BatchNormFunction.apply(view, None, None, None, None, True, 0.0, eps)
+    return _batch_norm(view, None, None, None, None, True, 0.0, eps)
 
 
 def _check_floating(input: Tensor, what: str) -> None:
@@ -550,7 +501,7 @@ def instance_norm(
     # One copy of the running statistics per sample, updated by the kernel, then averaged back: the
     # average over the batch of the per-instance updates.
     replicas = [None if t is None else t.detach().repeat(n) for t in (running_mean, running_var)]
-    y = BatchNormFunction.apply(input.reshape(1, n * c, -1), None, None, *replicas, True, momentum, eps)
+    y = _batch_norm(input.reshape(1, n * c, -1), *replicas, None, None, True, momentum, eps)
     with torch.no_grad():
         for running, replica in zip((running_mean, running_var), replicas):
             if running is not None:

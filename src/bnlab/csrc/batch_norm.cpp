@@ -1,20 +1,26 @@
-// CPU kernels for batch normalization: training and inference forward, and backward.
+// Batch normalization for CPU: the kernels (training and inference forward, backward) and the torch
+// operator bnlab::batch_norm, whose autograd function lives here in C++ too.
 //
-// Built by bnlab/kernels.py with the system C++ compiler and loaded through ctypes; no torch headers,
-// so a build takes about a second. Every entry point works on one of two memory layouts:
+// Built by bnlab/kernels.py against the installed torch's headers (no Python headers) and loaded with
+// torch.ops.load_library. A C++ autograd function costs a few microseconds per call where a Python
+// torch.autograd.Function costs about twenty: for a small layer that is most of the time.
+//
+// Every kernel works on one of two memory layouts:
 //
 //   planar       (N, C, S)  element (n, c, s) at n*C*S + c*S + s   (contiguous NCL, NCHW, NCDHW)
 //   interleaved  (M, C)     element (m, c)    at m*C + c           ((N, C) input and channels-last)
 //
-// Numerics. Statistics are reduced block by block: inside a block (a row of a planar channel, or a tile
-// of rows of an interleaved matrix, small enough to stay in L1) the sums run in the input type over
-// values shifted by an estimate of the block mean (the "corrected two-pass" scheme of Chan, Golub and
+// Numerics. Statistics are reduced block by block: inside a block the sums run in the input type over
+// values shifted by an estimate of the mean (the "corrected two-pass" scheme of Chan, Golub and
 // LeVeque), and blocks are merged in double with Chan's parallel formula. The input is read once from
 // memory for the statistics, there is no E[x^2] - E[x]^2 cancellation, and a channel whose mean is
 // 1e4 times its standard deviation still normalizes to unit variance.
 //
-// Threads: OpenMP. Loaded after torch, the library binds to the libgomp that torch already loaded, so
-// it shares torch's thread pool and honours torch.set_num_threads().
+// Threads: OpenMP, sharing the libgomp that torch already loaded (so torch.set_num_threads applies).
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,6 +45,37 @@ constexpr index_t kBlockElements = 2048;
 
 int thread_count(index_t numel) {
   return numel < kParallelThreshold ? 1 : omp_get_max_threads();
+}
+
+struct RowRange {
+  index_t begin, end;
+};
+
+// Thread t's contiguous share of [0, n) when `threads` split it.
+RowRange share(index_t n, int t, int threads) {
+  const index_t per = (n + threads - 1) / threads;
+  return {std::min(n, t * per), std::min(n, (t + 1) * per)};
+}
+
+// body(t, threads) for every thread t of a team: on the calling thread alone when one is enough, since
+// entering an OpenMP region, even of one thread, costs microseconds that a small layer feels.
+template <typename Body>
+void run_threads(int threads, Body body) {
+  if (threads == 1) {
+    body(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  body(omp_get_thread_num(), omp_get_num_threads());
+}
+
+// body(i) for i in [0, n), split into contiguous shares (OpenMP's static schedule).
+template <typename Body>
+void for_each_index(index_t n, int threads, Body body) {
+  run_threads(threads, [&](int t, int team) {
+    const RowRange r = share(n, t, team);
+    for (index_t i = r.begin; i < r.end; ++i) body(i);
+  });
 }
 
 // Running count, mean and sum of squared deviations (M2) of one channel, merged with Chan's formula.
@@ -163,8 +200,7 @@ template <typename T>
 void forward_train_planar(const T* x, T* y, index_t N, index_t C, index_t S, const T* weight,
                           const T* bias, T* save_mean, T* save_invstd, T* running_mean,
                           T* running_var, double momentum, double eps) {
-#pragma omp parallel for schedule(static) num_threads(thread_count(N * C * S))
-  for (index_t c = 0; c < C; ++c) {
+  for_each_index(C, thread_count(N * C * S), [&](index_t c) {
     Moments m;
     LanePairs<T> sums;
     T pivot = first_estimate(x + c * S, std::min(S, kBlockElements));
@@ -191,17 +227,16 @@ void forward_train_planar(const T* x, T* y, index_t N, index_t C, index_t S, con
       const index_t offset = (n * C + c) * S;
       normalize_run(x + offset, y + offset, S, mean, scale, shift);
     }
-  }
+  });
 }
 
 template <typename T>
 void forward_eval_planar(const T* x, T* y, index_t N, index_t C, index_t S, const T* mean,
                          const T* scale, const T* shift) {
-#pragma omp parallel for schedule(static) num_threads(thread_count(N * C * S))
-  for (index_t nc = 0; nc < N * C; ++nc) {
+  for_each_index(N * C, thread_count(N * C * S), [&](index_t nc) {
     const index_t c = nc % C;
     normalize_run(x + nc * S, y + nc * S, S, mean[c], scale[c], shift[c]);
-  }
+  });
 }
 
 // dx = dy * k_dy + (x - mean) * k_xmu + k_const
@@ -227,8 +262,7 @@ template <typename T>
 void backward_planar(const T* x, const T* dy, T* dx, index_t N, index_t C, index_t S, const T* mean,
                      const T* invstd, const T* weight, T* grad_weight, T* grad_bias, bool training) {
   const bool need_sums = training || grad_weight || grad_bias;
-#pragma omp parallel for schedule(static) num_threads(thread_count(N * C * S))
-  for (index_t c = 0; c < C; ++c) {
+  for_each_index(C, thread_count(N * C * S), [&](index_t c) {
     double sum_dy = 0, sum_dy_xmu = 0;
     if (need_sums) {
       const T mu = mean[c];
@@ -248,7 +282,7 @@ void backward_planar(const T* x, const T* dy, T* dx, index_t N, index_t C, index
     }
     if (grad_weight) grad_weight[c] = static_cast<T>(sum_dy_xmu * invstd[c]);
     if (grad_bias) grad_bias[c] = static_cast<T>(sum_dy);
-    if (!dx) continue;
+    if (!dx) return;
     T k_dy, k_xmu, k_const;
     grad_coefficients(training, static_cast<double>(N * S), sum_dy, sum_dy_xmu, invstd[c],
                       weight ? static_cast<double>(weight[c]) : 1.0, k_dy, k_xmu, k_const);
@@ -256,20 +290,11 @@ void backward_planar(const T* x, const T* dy, T* dx, index_t N, index_t C, index
       const index_t offset = (n * C + c) * S;
       grad_input_run(x + offset, dy + offset, dx + offset, S, mean[c], k_dy, k_xmu, k_const);
     }
-  }
+  });
 }
 
-// ---- interleaved (M, C): threads split the rows; per-thread partial results are merged after a barrier.
-
-struct RowRange {
-  index_t begin, end;
-};
-
-RowRange rows_of_thread(index_t M) {
-  const index_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-  const index_t per = (M + threads - 1) / threads;
-  return {std::min(M, t * per), std::min(M, (t + 1) * per)};
-}
+// ---- interleaved (M, C): threads split the rows; their partial sums are merged per channel, then
+// each thread writes its rows.
 
 // Rows of the first tile, read twice to estimate each channel's shift: small enough to stay in L1.
 index_t first_tile_rows(index_t C) { return std::max<index_t>(1, kBlockElements / C); }
@@ -330,32 +355,50 @@ void forward_train_interleaved(const T* x, T* y, index_t M, index_t C, const T* 
                                const T* bias, T* save_mean, T* save_invstd, T* running_mean,
                                T* running_var, double momentum, double eps) {
   const int threads = thread_count(M * C);
+  // A team may be smaller than asked; unused partials stay empty and merge as nothing.
   std::vector<Moments> partial(static_cast<size_t>(threads) * C);
+  run_threads(threads, [&](int t, int team) { accumulate_rows(x, C, share(M, t, team), partial.data() + t * C); });
   std::vector<T> scale(C), shift(C);
-#pragma omp parallel num_threads(threads)
-  {
-    const RowRange r = rows_of_thread(M);
-    accumulate_rows(x, C, r, partial.data() + omp_get_thread_num() * C);
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (index_t c = 0; c < C; ++c) {
-      Moments m = partial[c];
-      for (int t = 1; t < omp_get_num_threads(); ++t) m.merge(partial[t * C + c]);
-      const double invstd =
-          finish_channel(c, m, eps, momentum, save_mean, save_invstd, running_mean, running_var);
-      scale[c] = static_cast<T>(weight ? weight[c] * invstd : invstd);
-      shift[c] = bias ? bias[c] : T(0);
-    }
-    // the implicit barrier of `omp for` publishes scale and shift
-    normalize_rows(x, y, C, r, save_mean, scale.data(), shift.data());
+  for (index_t c = 0; c < C; ++c) {
+    Moments m = partial[c];
+    for (int t = 1; t < threads; ++t) m.merge(partial[t * C + c]);
+    const double invstd = finish_channel(c, m, eps, momentum, save_mean, save_invstd, running_mean, running_var);
+    scale[c] = static_cast<T>(weight ? weight[c] * invstd : invstd);
+    shift[c] = bias ? bias[c] : T(0);
   }
+  run_threads(threads, [&](int t, int team) {
+    normalize_rows(x, y, C, share(M, t, team), save_mean, scale.data(), shift.data());
+  });
 }
 
 template <typename T>
 void forward_eval_interleaved(const T* x, T* y, index_t M, index_t C, const T* mean, const T* scale,
                               const T* shift) {
-#pragma omp parallel num_threads(thread_count(M * C))
-  normalize_rows(x, y, C, rows_of_thread(M), mean, scale, shift);
+  run_threads(thread_count(M * C), [&](int t, int team) { normalize_rows(x, y, C, share(M, t, team), mean, scale, shift); });
+}
+
+// sum(dy) and sum(dy * (x - mean)) per channel over rows r, added into sums[0..C) and sums[C..2C).
+template <typename T>
+void grad_sums_rows(const T* x, const T* dy, index_t C, RowRange r, const T* mean, double* sums) {
+  std::vector<T> a(C), b(C);
+  const index_t step = block_rows(C);
+  for (index_t r0 = r.begin; r0 < r.end; r0 += step) {
+    std::fill(a.begin(), a.end(), T(0));
+    std::fill(b.begin(), b.end(), T(0));
+    for (index_t m = r0; m < std::min(r.end, r0 + step); ++m) {
+      const T* xr = x + m * C;
+      const T* gr = dy + m * C;
+#pragma omp simd
+      for (index_t c = 0; c < C; ++c) {
+        a[c] += gr[c];
+        b[c] += gr[c] * (xr[c] - mean[c]);
+      }
+    }
+    for (index_t c = 0; c < C; ++c) {
+      sums[c] += a[c];
+      sums[C + c] += b[c];
+    }
+  }
 }
 
 template <typename T>
@@ -363,60 +406,35 @@ void backward_interleaved(const T* x, const T* dy, T* dx, index_t M, index_t C, 
                           const T* invstd, const T* weight, T* grad_weight, T* grad_bias,
                           bool training) {
   const int threads = thread_count(M * C);
-  const bool need_sums = training || grad_weight || grad_bias;
   std::vector<double> partial(static_cast<size_t>(threads) * 2 * C, 0.0);
-  std::vector<T> k_dy(C), k_xmu(C), k_const(C);
-#pragma omp parallel num_threads(threads)
-  {
-    const RowRange r = rows_of_thread(M);
-    if (need_sums) {
-      double* sum_dy = partial.data() + omp_get_thread_num() * 2 * C;
-      double* sum_dy_xmu = sum_dy + C;
-      std::vector<T> a(C), b(C);
-      const index_t step = block_rows(C);
-      for (index_t r0 = r.begin; r0 < r.end; r0 += step) {
-        std::fill(a.begin(), a.end(), T(0));
-        std::fill(b.begin(), b.end(), T(0));
-        for (index_t m = r0; m < std::min(r.end, r0 + step); ++m) {
-          const T* xr = x + m * C;
-          const T* gr = dy + m * C;
-#pragma omp simd
-          for (index_t c = 0; c < C; ++c) {
-            a[c] += gr[c];
-            b[c] += gr[c] * (xr[c] - mean[c]);
-          }
-        }
-        for (index_t c = 0; c < C; ++c) {
-          sum_dy[c] += a[c];
-          sum_dy_xmu[c] += b[c];
-        }
-      }
-    }
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (index_t c = 0; c < C; ++c) {
-      double sum_dy = 0, sum_dy_xmu = 0;
-      for (int t = 0; t < omp_get_num_threads(); ++t) {
-        sum_dy += partial[t * 2 * C + c];
-        sum_dy_xmu += partial[t * 2 * C + C + c];
-      }
-      if (grad_weight) grad_weight[c] = static_cast<T>(sum_dy_xmu * invstd[c]);
-      if (grad_bias) grad_bias[c] = static_cast<T>(sum_dy);
-      grad_coefficients(training, static_cast<double>(M), sum_dy, sum_dy_xmu, invstd[c],
-                        weight ? static_cast<double>(weight[c]) : 1.0, k_dy[c], k_xmu[c], k_const[c]);
-    }
-    if (dx) {
-      for (index_t m = r.begin; m < r.end; ++m) {
-        const T* xr = x + m * C;
-        const T* gr = dy + m * C;
-        T* dr = dx + m * C;
-#pragma omp simd
-        for (index_t c = 0; c < C; ++c) {
-          dr[c] = gr[c] * k_dy[c] + (xr[c] - mean[c]) * k_xmu[c] + k_const[c];
-        }
-      }
-    }
+  if (training || grad_weight || grad_bias) {
+    run_threads(threads, [&](int t, int team) {
+      grad_sums_rows(x, dy, C, share(M, t, team), mean, partial.data() + t * 2 * C);
+    });
   }
+  std::vector<T> k_dy(C), k_xmu(C), k_const(C);
+  for (index_t c = 0; c < C; ++c) {
+    double sum_dy = 0, sum_dy_xmu = 0;
+    for (int t = 0; t < threads; ++t) {
+      sum_dy += partial[t * 2 * C + c];
+      sum_dy_xmu += partial[t * 2 * C + C + c];
+    }
+    if (grad_weight) grad_weight[c] = static_cast<T>(sum_dy_xmu * invstd[c]);
+    if (grad_bias) grad_bias[c] = static_cast<T>(sum_dy);
+    grad_coefficients(training, static_cast<double>(M), sum_dy, sum_dy_xmu, invstd[c],
+                      weight ? static_cast<double>(weight[c]) : 1.0, k_dy[c], k_xmu[c], k_const[c]);
+  }
+  if (!dx) return;
+  run_threads(threads, [&](int t, int team) {
+    const RowRange r = share(M, t, team);
+    for (index_t m = r.begin; m < r.end; ++m) {
+      const T* xr = x + m * C;
+      const T* gr = dy + m * C;
+      T* dr = dx + m * C;
+#pragma omp simd
+      for (index_t c = 0; c < C; ++c) dr[c] = gr[c] * k_dy[c] + (xr[c] - mean[c]) * k_xmu[c] + k_const[c];
+    }
+  });
 }
 
 // ---- dispatch on layout: S == 0 marks the interleaved layout (M = N rows).
@@ -434,13 +452,15 @@ void forward_train(const T* x, T* y, index_t N, index_t C, index_t S, const T* w
   }
 }
 
-// Inference: statistics given (running mean and variance); also writes the inverse std for backward.
+// Inference: statistics given (running mean and variance); also saves the mean and inverse std that
+// a backward needs, as training does.
 template <typename T>
 void forward_eval(const T* x, T* y, index_t N, index_t C, index_t S, const T* weight, const T* bias,
-                  const T* mean, const T* var, T* save_invstd, double eps) {
+                  const T* mean, const T* var, T* save_mean, T* save_invstd, double eps) {
   std::vector<T> scale(C), shift(C);
   for (index_t c = 0; c < C; ++c) {
     const double invstd = 1.0 / std::sqrt(static_cast<double>(var[c]) + eps);
+    save_mean[c] = mean[c];
     save_invstd[c] = static_cast<T>(invstd);
     scale[c] = static_cast<T>(weight ? weight[c] * invstd : invstd);
     shift[c] = bias ? bias[c] : T(0);
@@ -464,27 +484,185 @@ void backward(const T* x, const T* dy, T* dx, index_t N, index_t C, index_t S, c
 
 }  // namespace
 
-#define BNLAB_EXPORT(T, suffix)                                                                      \
-  extern "C" void bnlab_forward_train_##suffix(                                                     \
-      const T* x, T* y, index_t N, index_t C, index_t S, const T* weight, const T* bias,            \
-      T* save_mean, T* save_invstd, T* running_mean, T* running_var, double momentum, double eps) { \
-    forward_train(x, y, N, C, S, weight, bias, save_mean, save_invstd, running_mean, running_var,   \
-                  momentum, eps);                                                                   \
-  }                                                                                                 \
-  extern "C" void bnlab_forward_eval_##suffix(const T* x, T* y, index_t N, index_t C, index_t S,    \
-                                              const T* weight, const T* bias, const T* mean,        \
-                                              const T* var, T* save_invstd, double eps) {           \
-    forward_eval(x, y, N, C, S, weight, bias, mean, var, save_invstd, eps);                         \
-  }                                                                                                 \
-  extern "C" void bnlab_backward_##suffix(const T* x, const T* dy, T* dx, index_t N, index_t C,     \
-                                          index_t S, const T* mean, const T* invstd,                \
-                                          const T* weight, T* grad_weight, T* grad_bias,            \
-                                          int training) {                                           \
-    backward(x, dy, dx, N, C, S, mean, invstd, weight, grad_weight, grad_bias, training);           \
+// ---- the torch operator -------------------------------------------------------------------------------
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The kernels' view of a tensor: planar (N, C, S) memory, or interleaved (M rows, C) memory marked by
+// s == 0 (2D input and channels-last); any other layout is copied to contiguous first.
+struct KernelView {
+  Tensor x;
+  index_t n, c, s;
+};
+
+KernelView kernel_view(const Tensor& input) {
+  const index_t c = input.size(1);
+  if (!input.is_contiguous()) {
+    if (input.dim() > 2 && input.movedim(1, -1).is_contiguous()) return {input, input.numel() / c, c, 0};
+    return kernel_view(input.contiguous());
+  }
+  const index_t n = input.size(0), spatial = input.numel() / (n * c);
+  return {input, n, c, spatial > 1 ? spatial : 0};
+}
+
+// `t` with `like`'s strides (an expanded or differently laid out gradient), as the kernels read both.
+Tensor in_layout_of(const Tensor& like, const Tensor& t) {
+  return t.strides() == like.strides() ? t : at::empty_like(like).copy_(t);
+}
+
+template <typename T>
+T* data_or_null(const std::optional<Tensor>& t) {
+  return t && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+void check_arguments(const Tensor& input, std::initializer_list<const std::optional<Tensor>*> per_channel) {
+  TORCH_CHECK(input.device().is_cpu(), "bnlab::batch_norm runs on CPU tensors, got ", input.device());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "bnlab::batch_norm takes float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(input.dim() >= 2 && input.numel() > 0, "bnlab::batch_norm needs a non-empty (N, C, ...) input");
+  for (const auto* t : per_channel) {
+    if (*t && (*t)->defined()) {
+      TORCH_CHECK((*t)->scalar_type() == input.scalar_type() && (*t)->is_contiguous() &&
+                      (*t)->numel() == input.size(1) && (*t)->device().is_cpu(),
+                  "bnlab::batch_norm: per-channel tensors must be contiguous, on CPU, of the input's dtype "
+                  "and hold C values");
+    }
+  }
+}
+
+// Forward; `stats` receives a (2, C) tensor: the mean and the inverse standard deviation used.
+Tensor forward_op(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                  const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                  bool training, double momentum, double eps, Tensor& stats) {
+  check_arguments(input, {&weight, &bias, &running_mean, &running_var});
+  TORCH_CHECK(training || (running_mean && running_mean->defined() && running_var && running_var->defined()),
+              "bnlab::batch_norm needs running statistics in evaluation");
+  const KernelView v = kernel_view(input);
+  Tensor y = at::empty_like(v.x);
+  stats = at::empty({2, v.c}, v.x.options());
+  AT_DISPATCH_FLOATING_TYPES(v.x.scalar_type(), "bnlab::batch_norm", [&] {
+    scalar_t* mean = stats.data_ptr<scalar_t>();
+    if (training) {
+      forward_train<scalar_t>(v.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), v.n, v.c, v.s,
+                              data_or_null<scalar_t>(weight), data_or_null<scalar_t>(bias), mean, mean + v.c,
+                              data_or_null<scalar_t>(running_mean), data_or_null<scalar_t>(running_var),
+                              momentum, eps);
+    } else {
+      forward_eval<scalar_t>(v.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), v.n, v.c, v.s,
+                             data_or_null<scalar_t>(weight), data_or_null<scalar_t>(bias),
+                             running_mean->data_ptr<scalar_t>(), running_var->data_ptr<scalar_t>(), mean,
+                             mean + v.c, eps);
+    }
+  });
+  if (training) {  // written through pointers: tell autograd, as an in-place op would
+    for (const auto* t : {&running_mean, &running_var}) {
+      if (*t && (*t)->defined()) torch::autograd::impl::bump_version(**t);
+    }
+  }
+  return y;
+}
+
+// The hand-derived backward, by the kernels: (dx, dweight, dbias), each undefined when not needed.
+variable_list backward_op(const Tensor& input, const Tensor& grad, const Tensor& weight, const Tensor& stats,
+                          bool training, std::array<bool, 3> needs) {
+  const KernelView v = kernel_view(input);
+  const Tensor dy = in_layout_of(v.x, grad);
+  Tensor dx = needs[0] ? at::empty_like(v.x) : Tensor();
+  Tensor dw = needs[1] ? at::empty({v.c}, stats.options()) : Tensor();
+  Tensor db = needs[2] ? at::empty({v.c}, stats.options()) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(v.x.scalar_type(), "bnlab::batch_norm_backward", [&] {
+    const scalar_t* mean = stats.data_ptr<scalar_t>();
+    backward<scalar_t>(v.x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(),
+                       dx.defined() ? dx.data_ptr<scalar_t>() : nullptr, v.n, v.c, v.s, mean, mean + v.c,
+                       weight.defined() ? weight.data_ptr<scalar_t>() : nullptr,
+                       dw.defined() ? dw.data_ptr<scalar_t>() : nullptr,
+                       db.defined() ? db.data_ptr<scalar_t>() : nullptr, training);
+  });
+  return {dx, dw, db};
+}
+
+// The same backward in tensor ops, so that autograd can differentiate it (double backward, with
+// create_graph): the formula of bnlab.functional._backward_torch. In training the statistics are
+// recomputed from x, where autograd sees that they depend on it.
+variable_list differentiable_backward(const Tensor& x, const Tensor& dy, const Tensor& weight, const Tensor& stats,
+                                      bool training, double eps, std::array<bool, 3> needs) {
+  std::vector<int64_t> dims{0}, shape(x.dim(), 1);
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  shape[1] = x.size(1);
+  Tensor mean = stats[0], invstd = stats[1];
+  if (training) {
+    auto [var, batch_mean] = at::var_mean(x, dims, std::optional<at::Scalar>(0), /*keepdim=*/false);
+    mean = batch_mean;
+    invstd = (var + eps).rsqrt();
+  }
+  const Tensor x_hat = (x - mean.view(shape)) * invstd.view(shape);
+  const Tensor sum_dy = dy.sum(dims), sum_dy_xhat = (dy * x_hat).sum(dims);
+  Tensor dx;
+  if (needs[0]) {
+    const Tensor scale = weight.defined() ? invstd * weight : invstd;
+    Tensor centered = dy;
+    if (training) {
+      const double count = static_cast<double>(x.numel() / x.size(1));
+      centered = dy - (sum_dy / count).view(shape) - x_hat * (sum_dy_xhat / count).view(shape);
+    }
+    dx = centered * scale.view(shape);
+  }
+  return {dx, needs[1] ? sum_dy_xhat : Tensor(), needs[2] ? sum_dy : Tensor()};
+}
+
+struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
+                        const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+                        const std::optional<Tensor>& running_var, bool training, double momentum, double eps) {
+    Tensor stats;
+    Tensor y = forward_op(input, weight, bias, running_mean, running_var, training, momentum, eps, stats);
+    ctx->save_for_backward({input, weight.value_or(Tensor()), stats});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
   }
 
-BNLAB_EXPORT(float, f32)
-BNLAB_EXPORT(double, f64)
+  // Which of (input, weight, bias) need a gradient. needs_input_grad counts autograd edges, and only a
+  // tensor that is present has one: an absent weight shifts the bias to edge 1.
+  static std::array<bool, 3> needs(AutogradContext* ctx) {
+    const bool present[3] = {true, ctx->saved_data["has_weight"].toBool(), ctx->saved_data["has_bias"].toBool()};
+    std::array<bool, 3> result{};
+    for (size_t i = 0, edge = 0; i < 3; ++i) result[i] = present[i] && ctx->needs_input_grad(edge++);
+    return result;
+  }
 
-extern "C" int bnlab_abi_version() { return 1; }
-extern "C" int bnlab_max_threads() { return omp_get_max_threads(); }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const bool training = ctx->saved_data["training"].toBool();
+    const std::array<bool, 3> needs = BatchNormFunction::needs(ctx);
+    variable_list g = at::GradMode::is_enabled()
+                          ? differentiable_backward(saved[0], grads[0], saved[1], saved[2], training,
+                                                    ctx->saved_data["eps"].toDouble(), needs)
+                          : backward_op(saved[0], grads[0], saved[1], saved[2], training, needs);
+    return {g[0], g[1], g[2], Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor batch_norm(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                  const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                  bool training, double momentum, double eps) {
+  return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training, momentum, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bnlab, m) {
+  m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, bool training, float momentum, float eps) -> Tensor");
+  m.def("max_threads() -> int", [] { return static_cast<int64_t>(omp_get_max_threads()); });
+}
+
+// CompositeImplicitAutograd: the kernel runs for every call, and the autograd function inside it
+// records its own node, so autograd never looks into the kernels.
+TORCH_LIBRARY_IMPL(bnlab, CompositeImplicitAutograd, m) { m.impl("batch_norm", batch_norm); }
