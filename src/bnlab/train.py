@@ -458,30 +458,54 @@ def _check_resumable(run_dir: Path, config: TrainConfig) -> None:
 
 
 def _train_epoch(net, optimizer, dataset, config, device, epoch, first_loss, progress):
+    return sgd_epoch(net, optimizer, dataset, batch_size=config.batch_size, seed=config.seed, epoch=epoch,
+                     lr=config.lr, device=device, first_loss=first_loss,
+                     progress=_Progress(progress, data_mod.num_batches(len(dataset.train_labels), config.batch_size),
+                                        epoch, config.epochs))
+
+
+def sgd_epoch(
+    net: nn.Module, optimizer: torch.optim.Optimizer, dataset, *, batch_size: int, seed: int, epoch: int,
+    lr: float, device: torch.device, first_loss: Optional[float], progress: Optional[_Progress] = None,
+    penalty: Optional[Callable[[nn.Module], Optional[torch.Tensor]]] = None,
+    before_step: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor, int], None]] = None, first_step: int = 0,
+) -> tuple[EpochMetrics, float]:
+    """One epoch of minibatch SGD as `bnlab train` runs it, and (EpochMetrics, the run's first loss).
+
+    The data order depends on (seed, epoch) only; each batch's loss goes through `check_divergence`;
+    train metrics average over the epoch in train mode, test metrics come from `evaluate` after it.
+    Studies that need more pass `penalty(net)`, a term added to the loss before backward (the metrics
+    keep the plain cross-entropy), and `before_step(net, x, y, step)`, called before every step (step
+    counted from `first_step`), whose time is left out of examples_per_sec.
+    """
     net.train()
     images, labels = dataset.train_images, dataset.train_labels
-    total = data_mod.num_batches(len(labels), config.batch_size)
-    bar = _Progress(progress, total, epoch, config.epochs)
-    loss_sum = 0.0
+    loss_sum, probing = 0.0, 0.0
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no extra sync
     start = time.perf_counter()
     try:
-        batches = data_mod.batches(images, labels, config.batch_size, shuffle=True,
-                                   seed=epoch_seed(config.seed, epoch), device=device)
+        batches = data_mod.batches(images, labels, batch_size, shuffle=True, seed=epoch_seed(seed, epoch), device=device)
         for batch, (x, y) in enumerate(batches, start=1):
+            if before_step is not None:
+                probe_start = time.perf_counter()
+                before_step(net, x, y, first_step + batch - 1)
+                probing += time.perf_counter() - probe_start
             logits = net(x)
             loss = nn.functional.cross_entropy(logits, y)
+            extra = penalty(net) if penalty is not None else None
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if extra is None else loss + extra).backward()
             optimizer.step()
             value = loss.item()  # one sync per batch: the divergence check needs it anyway
-            first_loss = check_divergence(value, first_loss, epoch, batch, config.lr)
+            first_loss = check_divergence(value, first_loss, epoch, batch, lr)
             loss_sum += value * len(y)
             correct += (logits.argmax(dim=1) == y).sum()
-            bar.update(value)
+            if progress is not None:
+                progress.update(value)
     finally:
-        bar.close()
-    seconds = time.perf_counter() - start
+        if progress is not None:
+            progress.close()
+    seconds = time.perf_counter() - start - probing
     test_loss, test_acc = evaluate(net, dataset.test_images, dataset.test_labels, device)
     n = len(labels)
     return EpochMetrics(epoch, loss_sum / n, correct.item() / n, test_loss, test_acc, n / seconds), first_loss

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -23,7 +22,7 @@ from torch.func import functional_call
 from bnlab import data as data_mod
 from bnlab.models import build_model
 from bnlab.studies.core import RunContext
-from bnlab.train import Diverged, check_divergence, epoch_seed, evaluate, load_checkpoint, save_checkpoint
+from bnlab.train import Diverged, load_checkpoint, save_checkpoint, sgd_epoch
 
 
 @dataclass(frozen=True)
@@ -116,28 +115,12 @@ def train_with_hooks(spec: LoopSpec, context: RunContext, hooks: Optional[Hooks]
 
 
 def _epoch(net, optimizer, dataset, spec: LoopSpec, epoch: int, first_loss, hooks: Hooks, first_step: int):
-    net.train()
-    loss_sum, correct, seconds = 0.0, 0, 0.0
-    batches = data_mod.batches(dataset.train_images, dataset.train_labels, spec.batch_size, shuffle=True,
-                               seed=epoch_seed(spec.seed, epoch))
-    for batch, (x, y) in enumerate(batches, start=1):
-        hooks.before_step(net, x, y, first_step + batch - 1)
-        start = time.perf_counter()  # the epoch's time counts training only, not the probes
-        logits = net(x)
-        loss = nn.functional.cross_entropy(logits, y)
-        penalty = hooks.penalty(net)
-        optimizer.zero_grad(set_to_none=True)
-        (loss if penalty is None else loss + penalty).backward()
-        optimizer.step()
-        seconds += time.perf_counter() - start
-        value = loss.item()
-        first_loss = check_divergence(value, first_loss, epoch, batch, spec.lr)  # the trainer's criterion
-        loss_sum += value * len(y)
-        correct += int((logits.argmax(dim=1) == y).sum())
-    test_loss, test_acc = evaluate(net, dataset.test_images, dataset.test_labels, torch.device("cpu"))
-    n = len(dataset.train_labels)
-    return {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": correct / n, "test_loss": test_loss,
-            "test_acc": test_acc, "seconds": seconds}, first_loss
+    metrics, first_loss = sgd_epoch(net, optimizer, dataset, batch_size=spec.batch_size, seed=spec.seed,
+                                    epoch=epoch, lr=spec.lr, device=torch.device("cpu"), first_loss=first_loss,
+                                    penalty=hooks.penalty, before_step=hooks.before_step, first_step=first_step)
+    row = dataclasses.asdict(metrics)
+    row["seconds"] = len(dataset.train_labels) / row.pop("examples_per_sec")  # training time, probes left out
+    return row, first_loss
 
 
 # ---- measuring without side effects --------------------------------------------------------------------

@@ -29,8 +29,8 @@ network, at a moderate ratio, means the forward signal itself explodes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-import time
 from collections import defaultdict
 from typing import Optional
 
@@ -42,7 +42,7 @@ from bnlab.nn import BatchNorm1d
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, fmt, markdown_table, mean_std,
                                 pyplot, run_kind, save_figure)
 from bnlab.studies.runs import final
-from bnlab.train import Diverged, check_divergence, epoch_seed, evaluate
+from bnlab.train import Diverged, sgd_epoch
 
 DEPTHS = (10, 30, 100)
 WIDTH = 128
@@ -102,34 +102,17 @@ def gradient_probe(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def train_epochs(net: nn.Module, dataset, lr: float, epochs: int, seed: int) -> dict:
-    """Plain SGD as `bnlab train` does it (data order per (seed, epoch), its divergence criterion, test
-    metrics in eval mode after each epoch). Returns {"status", "history"[, "diverged"]}."""
+    """Plain SGD as `bnlab train` does it (`bnlab.train.sgd_epoch`). Returns {"status", "history"[, "diverged"]}."""
     optimizer = torch.optim.SGD(net.parameters(), lr=lr)
     history, first_loss = [], None
     for epoch in range(1, epochs + 1):
-        net.train()
-        loss_sum, correct, start = 0.0, 0, time.perf_counter()
-        batches = data.batches(dataset.train_images, dataset.train_labels, BATCH_SIZE, shuffle=True,
-                               seed=epoch_seed(seed, epoch))
         try:
-            for batch, (x, y) in enumerate(batches, start=1):
-                logits = net(x)
-                loss = nn.functional.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                value = loss.item()
-                first_loss = check_divergence(value, first_loss, epoch, batch, lr)
-                loss_sum += value * len(y)
-                correct += (logits.argmax(dim=1) == y).sum().item()
+            metrics, first_loss = sgd_epoch(net, optimizer, dataset, batch_size=BATCH_SIZE, seed=seed, epoch=epoch,
+                                            lr=lr, device=torch.device("cpu"), first_loss=first_loss)
         except Diverged as exc:
             return {"status": "diverged", "history": history,
                     "diverged": {"epoch": exc.epoch, "batch": exc.batch, "loss": exc.loss}}
-        seconds = time.perf_counter() - start
-        test_loss, test_acc = evaluate(net, dataset.test_images, dataset.test_labels, torch.device("cpu"))
-        n = len(dataset.train_labels)
-        history.append({"epoch": epoch, "train_loss": loss_sum / n, "train_acc": correct / n, "test_loss": test_loss,
-                        "test_acc": test_acc, "examples_per_sec": n / seconds})
+        history.append(dataclasses.asdict(metrics))
     return {"status": "ok", "history": history}
 
 
