@@ -7,9 +7,9 @@ input only) and with no norm, all at the same four places of the same unpadded n
 the high learning rate of the older edition (lr 1.0) is where the halves may differ in stability.
 
 Metrics: final and best test accuracy, final train loss, and the share of full BN's gain over no norm that
-each half recovers, (acc(half) - acc(none)) / (acc(BN) - acc(none)) on the means over seeds. "The half that
-does the work" is the one recovering the larger share (at least WORKING_SHARE, and clearly above no norm);
-it does all of it when its difference to full BN is within the seed-to-seed noise. Stability: diverged runs
+each half recovers, (acc(half) - acc(none)) / (acc(BN) - acc(none)) on the means over seeds. A half does
+part of the work when it recovers at least WORKING_SHARE and is clearly above no norm, and all of it when
+its difference to full BN is within the seed-to-seed noise. Stability: diverged runs
 (bnlab.train's criterion) and the peak epoch-average train loss; above twice a uniform guess's loss (2 ln 10)
 the network is confidently wrong, thrown off even where it does not diverge.
 """
@@ -106,12 +106,16 @@ class Lite(Study):
             return lines
         gap, verdict = difference(accuracy(preset, worker), full)
         if verdict == "within noise":
-            extent = "all of it: it is within noise of full BN"
+            lines.append(f"{preset} preset: {recovered}; {worker} is within noise of full BN, so that half does "
+                         f"all of BN's work here.")
         elif verdict == "single seed":
-            extent = f"{gap:+.3f} from full BN (one seed cannot tell whether that is noise)"
+            lines.append(f"{preset} preset: {recovered}; {worker} is {gap:+.3f} from full BN (one seed cannot tell "
+                         f"whether that is noise).")
+        elif gap < 0:
+            lines.append(f"{preset} preset: {recovered}; {worker} does part of the work but stays clearly below "
+                         f"full BN ({gap:+.3f}), so BN needs both halves here.")
         else:
-            extent = f"not all of it: it stays clearly {'below' if gap < 0 else 'above'} full BN ({gap:+.3f})"
-        lines.append(f"{preset} preset: {recovered}, so the {worker} half does the work here — {extent}.")
+            lines.append(f"{preset} preset: {recovered}; {worker} alone beats full BN clearly ({gap:+.3f}).")
         return lines
 
     @staticmethod
