@@ -452,6 +452,16 @@ def load(
 # Minibatches
 
 
+def to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, H, W) as the networks take them: float32 (N, 1, H, W) in [0, 1].
+
+    Example:
+        >>> to_input(torch.full((2, 28, 28), 255, dtype=torch.uint8)).shape
+        torch.Size([2, 1, 28, 28])
+    """
+    return images.float().div_(255).unsqueeze_(1)
+
+
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
     """How many batches `batches` yields for ``n`` samples."""
     if batch_size < 1:
@@ -500,4 +510,4 @@ def _iterate(
             # index_select copies whole rows; advanced indexing (images[rows]) is ~10x slower on CPU.
             rows = order[start : start + batch_size]
             x, y = images.index_select(0, rows), labels.index_select(0, rows)
-        yield x.to(device).float().div_(255).unsqueeze_(1), y.to(device)
+        yield to_input(x.to(device)), y.to(device)

@@ -110,14 +110,14 @@ def research_run(params: dict, context: RunContext) -> dict:
     if outcome.diverged:
         return result
     net, sets = outcome.net, outcome.dataset
-    batch = sets.test_images[:WHITENESS_BATCH].float().div(255).unsqueeze(1)
+    batch = data.to_input(sets.test_images[:WHITENESS_BATCH])
     result["whiteness"] = {mode: whiteness(net, batch, train=(mode == "train")) for mode in ("train", "eval")}
     result["accuracy"] = accuracies(net, sets)
     scales = torch.cat([layer.weight.detach().abs() for _, layer in norm_layers(net)])
     result["sparsity"] = {"abs_gamma": scales.tolist(),  # with nothing to prune, the pruned network is the network
                           "accuracy": (accuracies(pruned(net), sets, on_train_set=False)
                                        if (scales < PRUNE_THRESHOLD).any() else result["accuracy"])}
-    train_batch = sets.train_images[:BATCH_SIZE].float().div(255).unsqueeze(1), sets.train_labels[:BATCH_SIZE]
+    train_batch = data.to_input(sets.train_images[:BATCH_SIZE]), sets.train_labels[:BATCH_SIZE]
     result["step_seconds"] = interleaved_step_seconds({"this": net, "BN": build_model("bn-lenet")}, *train_batch)
     return result
 

@@ -61,6 +61,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+from bnlab.data import to_input
 from bnlab.models import NORM_SITES, norm_layers
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
                                 mean_std, pyplot, run_kind, save_figure)
@@ -253,7 +254,7 @@ def smoothness_run(params: dict, context: RunContext) -> dict:
     """Train LeNet (no BN, BN, or BN + noise) and probe it every `probe_every` steps (module docstring)."""
     spec = LoopSpec.from_params(params)
     train_set = context.dataset().subset(spec.train_subset, spec.test_subset, seed=spec.seed)
-    probe_images = train_set.train_images[:PROBE_IMAGES].float().div(255).unsqueeze(1)
+    probe_images = to_input(train_set.train_images[:PROBE_IMAGES])
     probes = Probes(spec.lr, params["probe_every"], probe_images, spec.seed if params["noise"] else None)
     outcome = train_with_hooks(spec, context, probes)
     return {**outcome.result(), "probes": probes.records}
