@@ -173,14 +173,28 @@ def test_bias_removal_leaves_accuracy_unchanged_seed_by_seed(quick_study):
 
 def test_lite_findings_quote_each_half(quick_study):
     out, _ = quick_study("lite")
+    entries = cached_runs(out)
     accuracy = {(preset_of(e["params"]), e["params"]["model_options"]["norm"]): final_test_acc(e)
-                for e in cached_runs(out)}
+                for e in entries if e["kind"] == "train"}
     text = findings(out)
     for preset in PRESETS:
         assert (f"mean-only reaches {accuracy[(preset, 'mean-only')]:.3f}, variance-only "
                 f"{accuracy[(preset, 'variance-only')]:.3f}") in text
         assert f"full BN reaches {accuracy[(preset, 'batchnorm')]:.3f}" in text
     assert "Stability:" in text
+    probes = {e["params"]["model_options"]["norm"]: e["result"] for e in entries if e["kind"] == "sigmoid-inputs"}
+    off_center = ", ".join(f"{v:.2f}" for v in probes["variance-only"]["off_center"])
+    assert f"|mean|/std = {off_center}" in text
+
+
+def test_lite_probe_finds_centered_sigmoid_inputs_exactly_where_the_mean_is_subtracted(quick_study):
+    out, _ = quick_study("lite")
+    probes = {e["params"]["model_options"]["norm"]: e["result"] for e in cached_runs(out)
+              if e["kind"] == "sigmoid-inputs"}
+    for norm in ("batchnorm", "mean-only"):  # gamma 1, beta 0 at initialization: exactly centered
+        assert max(probes[norm]["off_center"]) < 1e-4, norm
+    for norm in ("variance-only", None):  # nothing subtracts the mean of conv1's output
+        assert probes[norm]["off_center"][0] > 0.1, norm
 
 
 # ---- fixed-affine -----------------------------------------------------------------------------------

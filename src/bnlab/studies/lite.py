@@ -11,16 +11,22 @@ each half recovers, (acc(half) - acc(none)) / (acc(BN) - acc(none)) on the means
 part of the work when it recovers at least WORKING_SHARE and is clearly above no norm, and all of it when
 its difference to full BN is within the seed-to-seed noise. Stability: diverged runs
 (bnlab.train's criterion) and the peak epoch-average train loss; above twice a uniform guess's loss (2 ln 10)
-the network is confidently wrong, thrown off even where it does not diverge.
+the network is confidently wrong, thrown off even where it does not diverge. Why a half fails: the
+initial network's sigmoid inputs on one training batch — how far off-center each channel sits
+(|mean| / std) and the share of saturated units.
 """
 
 from __future__ import annotations
 
 import math
 
-from bnlab.studies.core import (Outcome, Report, Run, Settings, Study, difference, fmt, markdown_table, mean_curve,
-                                mean_std, plot_epoch_curves, pyplot, save_figure)
-from bnlab.studies.exercise_common import (FULL_SEEDS, config_name, diverged_count, finals, fixed_settings,
+import torch
+
+from bnlab.data import to_input
+from bnlab.models import NORM_SITES, build_model
+from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
+                                mean_curve, mean_std, plot_epoch_curves, pyplot, run_kind, save_figure)
+from bnlab.studies.exercise_common import (FULL_SEEDS, MODEL, config_name, diverged_count, finals, fixed_settings,
                                            gain_columns, group_results, plot_bars, preset_of, share_of_gain,
                                            training_params)
 from bnlab.studies.runs import best, history_of
@@ -39,6 +45,38 @@ WHAT_IT_DOES = {"batchnorm": "(x - mean) / std", "mean-only": "x - mean", "varia
                 "none": "no norm layer"}
 
 
+# The initial network is probed on this many training images, in train mode (batch statistics).
+PROBE_IMAGES = 256
+# sigmoid'(z) < 0.01 means |z| > 4.6: the unit passes under 4% of the largest gradient a sigmoid can pass.
+SATURATED_SLOPE = 0.01
+
+
+@run_kind("sigmoid-inputs")
+def sigmoid_inputs_run(params: dict, context: RunContext) -> dict:
+    """The initial network's sigmoid inputs on the first PROBE_IMAGES training images, in train mode.
+
+    Returns {"off_center": [...], "saturated": [...]}, one entry per sigmoid from the input side: the mean
+    over channels of |channel mean| / channel std, and the share of units whose sigmoid slope is below
+    SATURATED_SLOPE.
+    """
+    torch.manual_seed(params["seed"])  # as train() does right before building: the same initial network
+    net = build_model(params["model"], **params["model_options"]).train()
+    inputs = []
+    hooks = [m.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach()))
+             for m in net.modules() if isinstance(m, torch.nn.Sigmoid)]
+    with torch.no_grad():
+        net(to_input(context.dataset().train_images[:PROBE_IMAGES]))
+    for hook in hooks:
+        hook.remove()
+    off_center, saturated = [], []
+    for z in inputs:
+        dims = [d for d in range(z.dim()) if d != 1]
+        off_center.append(float((z.mean(dims).abs() / z.std(dims).clamp_min(1e-12)).mean()))
+        slope = torch.sigmoid(z) * torch.sigmoid(-z)
+        saturated.append(float((slope < SATURATED_SLOPE).float().mean()))
+    return {"off_center": off_center, "saturated": saturated}
+
+
 def peak_loss(result: dict) -> float:
     """The highest epoch-average train loss of a run (NaN if it finished no epoch)."""
     return max((h["train_loss"] for h in history_of(result)), default=float("nan"))
@@ -52,11 +90,17 @@ class Lite(Study):
                     "up to 1.7x slower)")
 
     def runs(self, settings: Settings) -> list[Run]:
-        return [Run("train", training_params(preset, settings, seed, options))
-                for preset in PRESETS for options in CONFIGS.values() for seed in settings.seed_list(FULL_SEEDS)]
+        seeds = settings.seed_list(FULL_SEEDS)
+        return ([Run("train", training_params(preset, settings, seed, options))
+                 for preset in PRESETS for options in CONFIGS.values() for seed in seeds]
+                + [Run("sigmoid-inputs", {"model": MODEL, "model_options": options, "seed": seed})
+                   for options in CONFIGS.values() for seed in seeds])
 
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
-        results = group_results(outcomes, lambda p: (preset_of(p), config_name(CONFIGS, p["model_options"])))
+        trainings = [outcome for outcome in outcomes if outcome.run.kind == "train"]
+        results = group_results(trainings, lambda p: (preset_of(p), config_name(CONFIGS, p["model_options"])))
+        probes = group_results([outcome for outcome in outcomes if outcome.run.kind == "sigmoid-inputs"],
+                               lambda p: config_name(CONFIGS, p["model_options"]))
 
         def accuracy(preset, norm):
             return finals(results[(preset, norm)], "test_acc")
@@ -75,6 +119,7 @@ class Lite(Study):
 
         conclusions = [line for preset in PRESETS for line in self._preset_findings(preset, accuracy)]
         conclusions.append(self._stability(results))
+        conclusions.append(self._initial_finding(probes))
         return Report(
             title="lite: mean-only and variance-only batch normalization",
             question=self.question,
@@ -82,7 +127,9 @@ class Lite(Study):
                       "norm layers": "after conv1, conv2, fc1 and fc2, each with a learned per-channel scale and "
                                      "shift; evaluation uses the running statistics the variant uses"},
             varied={"norm": [f"{name} ({WHAT_IT_DOES[name]})" for name in CONFIGS], "preset": tuple(PRESETS)},
-            sections=[("Results (final epoch, mean ± std over seeds)", table)],
+            sections=[("Results (final epoch, mean ± std over seeds)", table),
+                      (f"Sigmoid inputs of the initial network (first {PROBE_IMAGES} training images, train mode; "
+                       "mean ± std over seeds)", self._initial_table(probes))],
             conclusions=conclusions,
             plots=[self._plot_accuracy(accuracy, settings), self._plot_curves(results, settings)],
         )
@@ -117,6 +164,34 @@ class Lite(Study):
         else:
             lines.append(f"{preset} preset: {recovered}; {worker} alone beats full BN clearly ({gap:+.3f}).")
         return lines
+
+    @staticmethod
+    def _initial_table(probes) -> str:
+        rows = [[norm, *(fmt([r[measure][site] for r in probes[norm]], 2) for measure in ("off_center", "saturated")
+                         for site in range(len(NORM_SITES)))] for norm in CONFIGS]
+        return markdown_table(["norm", *(f"{label} after {site}" for label in ("\\|mean\\|/std", "saturated")
+                                         for site in NORM_SITES)], rows)
+
+    @staticmethod
+    def _initial_finding(probes) -> str:
+        def means(norm, measure):
+            return [mean_std([r[measure][site] for r in probes[norm]])[0] for site in range(len(NORM_SITES))]
+
+        def listed(values, digits=2):
+            return ", ".join(f"{v:.{digits}f}" for v in values)
+
+        last = NORM_SITES[-1]
+        saturated = {norm: means(norm, "saturated")[-1] for norm in CONFIGS}
+        others = "; ".join(f"{norm} {listed(means(norm, 'off_center'))}, {saturated[norm]:.0%}" for norm in CONFIGS
+                           if norm != "variance-only")
+        line = (f"At initialization variance-only's sigmoid inputs after {', '.join(NORM_SITES)} sit off-center by "
+                f"|mean|/std = {listed(means('variance-only', 'off_center'))}, and {saturated['variance-only']:.0%} "
+                f"of the units after {last} saturate (sigmoid slope below {SATURATED_SLOPE}); |mean|/std and "
+                f"saturation after {last} for the others: {others}.")
+        if saturated["variance-only"] > max(v for norm, v in saturated.items() if norm != "variance-only") + 0.1:
+            line += (" Dividing by the standard deviation without subtracting the mean turns the offset into "
+                     "saturated units, which pass almost no gradient.")
+        return line
 
     @staticmethod
     def _stability(results) -> str:
