@@ -33,9 +33,9 @@ from torch import nn
 from bnlab import data
 from bnlab.models import NORM_SITES, build_model, norm_layers
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                mean_curve, plot_epoch_curves, pyplot, run_kind, save_figure)
+                                pyplot, run_kind, save_figure)
 from bnlab.studies.exercise_common import (FULL_SEEDS, MODEL, config_name, finals, fixed_settings, group_results,
-                                           preset_of, training_params)
+                                           plot_curves_by_preset, preset_of, training_params)
 from bnlab.studies.runs import trained_network, training_data
 from bnlab.train import PRESETS, epoch_seed
 
@@ -199,7 +199,10 @@ class Bias(Study):
                       ("Bias gradients and drift (largest over seeds)", self._gradient_table(results)),
                       ("Equivalence on the trained networks (largest over seeds)", self._equivalence_table(results))],
             conclusions=conclusions,
-            plots=[self._plot_gradients(kept, settings), self._plot_curves(results, settings)],
+            plots=[self._plot_gradients(kept, settings),
+                   plot_curves_by_preset(results, list(VARIANTS), settings, "bias_curves.png",
+                                         "Test accuracy per epoch with and without the biases before BN (mean "
+                                         "over seeds).", label=lambda variant: f"bias {variant}")],
         )
 
     # ---- findings ---------------------------------------------------------------------------------
@@ -322,15 +325,3 @@ class Bias(Study):
                                       "presets and probe batches; log scale). conv1 to fc2 are followed by a BN; "
                                       "the output layer is not (the control). Dotted: the level below which a "
                                       "gradient counts as zero up to float32 rounding.")
-
-    @staticmethod
-    def _plot_curves(results, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(1, len(PRESETS), figsize=(9, 3.4), sharey=True)
-        for ax, preset in zip(axes, PRESETS):
-            curves = {f"bias {variant}": mean_curve(results[(preset, variant)], "test_acc") for variant in VARIANTS}
-            plot_epoch_curves(ax, curves, "test accuracy")
-            ax.set_title(f"{preset} preset")
-        axes[0].legend(fontsize=8)
-        save_figure(fig, settings.out / "bias_curves.png")
-        return "bias_curves.png", "Test accuracy per epoch with and without the biases before BN (mean over seeds)."

@@ -17,9 +17,9 @@ test accuracy; comparisons use `difference`'s verdict.
 from __future__ import annotations
 
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                mean_curve, mean_std, plot_epoch_curves, pyplot, run_kind, save_figure)
+                                mean_std, pyplot, run_kind, save_figure)
 from bnlab.studies.exercise_common import (FULL_SEEDS, NO_NORM, config_name, finals, fixed_settings, group_results,
-                                           plot_bars, preset_of, training_params)
+                                           plot_bars, plot_curves_by_preset, preset_of, training_params)
 from bnlab.studies.runs import trained_network, training_data
 from bnlab.train import PRESETS, evaluate
 
@@ -85,7 +85,9 @@ class Dropout(Study):
             varied={"network": [f"{name} ({self._describe(name)})" for name in CONFIGS], "preset": tuple(PRESETS)},
             sections=[("Results (final epoch, mean ± std over seeds)", table)],
             conclusions=conclusions,
-            plots=[self._plot_gap(results, settings), self._plot_curves(results, settings)],
+            plots=[self._plot_gap(results, settings),
+                   plot_curves_by_preset(results, list(CONFIGS), settings, "dropout_curves.png",
+                                         "Test accuracy per epoch of the four networks (mean over seeds).")],
         )
 
     @staticmethod
@@ -169,15 +171,3 @@ class Dropout(Study):
         return "dropout_gap.png", ("Top: accuracy on the training set (eval mode) beside test accuracy (mean over "
                                    "seeds; the axis starts near the lowest bar). Bottom: their difference, the "
                                    "train/test gap (whiskers: half the range over seeds).")
-
-    @staticmethod
-    def _plot_curves(results, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(1, len(PRESETS), figsize=(9, 3.4), sharey=True)
-        for ax, preset in zip(axes, PRESETS):
-            plot_epoch_curves(ax, {name: mean_curve(results[(preset, name)], "test_acc") for name in CONFIGS},
-                              "test accuracy")
-            ax.set_title(f"{preset} preset")
-        axes[0].legend(fontsize=8)
-        save_figure(fig, settings.out / "dropout_curves.png")
-        return "dropout_curves.png", "Test accuracy per epoch of the four networks (mean over seeds)."

@@ -1,5 +1,6 @@
 """Pieces shared by the studies that answer the chapter's exercises (placement, bias, lite, fixed-affine,
-dropout): the run parameters of both presets, grouping outcomes by configuration, the share of a gain a variant recovers, and a bar plot of means over seeds.
+dropout): the run parameters of both presets, grouping outcomes by configuration, the share of a gain a
+variant recovers, and the plots of results by preset.
 
 Every exercise study trains the chapter's unpadded BN-LeNet ("bn-lenet", bnlab's BN) and varies one
 LeNetConfig option through ``model_options``; its "no norm" configuration is the same unpadded
@@ -11,7 +12,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable, Hashable, Optional, Sequence
 
-from bnlab.studies.core import Outcome, Settings, difference, mean_std
+from bnlab.studies.core import (Outcome, Settings, difference, mean_curve, mean_std, plot_epoch_curves, pyplot,
+                                save_figure)
 from bnlab.studies.runs import final
 from bnlab.train import PRESETS
 
@@ -20,6 +22,8 @@ QUICK_EPOCHS = 2
 FULL_SEEDS = 3
 MODEL = "bn-lenet"
 NO_NORM = {"norm": None}
+TEST_ACCURACY = (("test_acc", "test accuracy"),)
+LOSS_AND_ACCURACY = (("train_loss", "train loss"), ("test_acc", "test accuracy"))
 
 
 def training_params(preset: str, settings: Settings, seed: int, model_options: dict) -> dict:
@@ -113,3 +117,41 @@ def plot_bars(ax, labels: Sequence[str], values: Sequence[Sequence[float]], ylab
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
+
+
+def preset_title(preset: str) -> str:
+    return f"{preset} preset (lr {PRESETS[preset]['lr']:g}, batch {PRESETS[preset]['batch_size']})"
+
+
+def plot_accuracy_by_preset(accuracy: Callable[[str, str], Sequence[float]], names: Sequence[str], settings: Settings,
+                            filename: str, caption: str) -> tuple[str, str]:
+    """Final test accuracy of each configuration (`plot_bars`), a panel per preset; returns (filename, caption).
+
+    `accuracy(preset, name)` gives the values over seeds."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(PRESETS), figsize=(9, 3.4), sharey=True)
+    for ax, preset in zip(axes, PRESETS):
+        plot_bars(ax, list(names), [accuracy(preset, name) for name in names], "final test accuracy")
+        ax.set_title(preset_title(preset))
+    save_figure(fig, settings.out / filename)
+    return filename, caption
+
+
+def plot_curves_by_preset(results: dict, names: Sequence[str], settings: Settings, filename: str, caption: str, *,
+                          metrics: Sequence[tuple[str, str]] = TEST_ACCURACY,
+                          label: Callable[[str], str] = str) -> tuple[str, str]:
+    """Per-epoch means over seeds of each configuration, a column per preset and a row per (metric, axis label);
+    `results[(preset, name)]` holds the runs. Returns (filename, caption)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(metrics), len(PRESETS), figsize=(9 + (len(metrics) > 1), 0.2 + 3.2 * len(metrics)),
+                             sharex=True, sharey="row", squeeze=False)
+    for column, preset in enumerate(PRESETS):
+        for row, (metric, axis_label) in enumerate(metrics):
+            curves = {label(name): mean_curve(results[(preset, name)], metric) for name in names}
+            plot_epoch_curves(axes[row][column], curves, axis_label)
+            axes[row][column].set_title(f"{preset} preset" + (f": {axis_label}" if len(metrics) > 1 else ""))
+            if row < len(metrics) - 1:
+                axes[row][column].set_xlabel("")  # the shared epoch axis is labelled once, at the bottom
+    axes[-1][0].legend(fontsize=8)
+    save_figure(fig, settings.out / filename)
+    return filename, caption

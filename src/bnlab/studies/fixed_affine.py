@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from bnlab.models import NORM_SITES, norm_layers
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                mean_curve, mean_std, plot_epoch_curves, pyplot, run_kind, save_figure)
-from bnlab.studies.exercise_common import (FULL_SEEDS, config_name, finals, fixed_settings, group_results, preset_of, training_params)
+                                mean_std, pyplot, run_kind, save_figure)
+from bnlab.studies.exercise_common import (FULL_SEEDS, config_name, finals, fixed_settings, group_results,
+                                           plot_curves_by_preset, preset_of, training_params)
 from bnlab.studies.runs import trained_network
 from bnlab.train import PRESETS
 
@@ -83,7 +84,10 @@ class FixedAffine(Study):
                       ("How far the learned gamma and beta moved (mean over channels; mean ± std over seeds)",
                        self._movement_table(results))],
             conclusions=conclusions,
-            plots=[self._plot_parameters(results, settings), self._plot_curves(results, settings)],
+            plots=[self._plot_parameters(results, settings),
+                   plot_curves_by_preset(results, list(CONFIGS), settings, "fixed_affine_curves.png",
+                                         "Test accuracy per epoch with gamma and beta learned and fixed (mean "
+                                         "over seeds).", label=lambda name: f"gamma, beta {name}")],
         )
 
     @staticmethod
@@ -165,16 +169,3 @@ class FixedAffine(Study):
         save_figure(fig, settings.out / "fixed_affine_parameters.png")
         return "fixed_affine_parameters.png", ("The learned gamma and beta of every channel, per BN layer (boxes over "
                                                "channels and seeds), against the values the fixed runs keep.")
-
-    @staticmethod
-    def _plot_curves(results, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(1, len(PRESETS), figsize=(9, 3.4), sharey=True)
-        for ax, preset in zip(axes, PRESETS):
-            curves = {f"gamma, beta {name}": mean_curve(results[(preset, name)], "test_acc") for name in CONFIGS}
-            plot_epoch_curves(ax, curves, "test accuracy")
-            ax.set_title(f"{preset} preset")
-        axes[0].legend(fontsize=8)
-        save_figure(fig, settings.out / "fixed_affine_curves.png")
-        return "fixed_affine_curves.png", ("Test accuracy per epoch with gamma and beta learned and fixed (mean over "
-                                           "seeds).")

@@ -25,10 +25,10 @@ import torch
 from bnlab.data import to_input
 from bnlab.models import NORM_SITES, build_model
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                mean_curve, mean_std, plot_epoch_curves, pyplot, run_kind, save_figure)
-from bnlab.studies.exercise_common import (FULL_SEEDS, MODEL, config_name, diverged_count, finals, fixed_settings,
-                                           gain_columns, group_results, plot_bars, preset_of, share_of_gain,
-                                           training_params)
+                                mean_std, run_kind)
+from bnlab.studies.exercise_common import (FULL_SEEDS, LOSS_AND_ACCURACY, MODEL, config_name, diverged_count, finals,
+                                           fixed_settings, gain_columns, group_results, plot_accuracy_by_preset,
+                                           plot_curves_by_preset, preset_of, share_of_gain, training_params)
 from bnlab.studies.runs import best, history_of
 from bnlab.train import PRESETS
 
@@ -131,7 +131,12 @@ class Lite(Study):
                       (f"Sigmoid inputs of the initial network (first {PROBE_IMAGES} training images, train mode; "
                        "mean ± std over seeds)", self._initial_table(probes))],
             conclusions=conclusions,
-            plots=[self._plot_accuracy(accuracy, settings), self._plot_curves(results, settings)],
+            plots=[plot_accuracy_by_preset(accuracy, list(CONFIGS), settings, "lite_accuracy.png",
+                                           "Final test accuracy of full, mean-only and variance-only BN and no "
+                                           "norm (bars: mean over seeds; whiskers: half the range)."),
+                   plot_curves_by_preset(results, list(CONFIGS), settings, "lite_curves.png",
+                                         "Train loss and test accuracy per epoch (mean over seeds); a run that "
+                                         "diverged ends where it stopped.", metrics=LOSS_AND_ACCURACY)],
         )
 
     @staticmethod
@@ -206,28 +211,3 @@ class Lite(Study):
         above = (f"an epoch's average train loss rose above {limit}, for " + "; ".join(thrown) if thrown
                  else f"no epoch's average train loss rose above {limit}")
         return f"Stability: {diverged}; {above}."
-
-    @staticmethod
-    def _plot_accuracy(accuracy, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(1, len(PRESETS), figsize=(9, 3.4), sharey=True)
-        for ax, preset in zip(axes, PRESETS):
-            plot_bars(ax, list(CONFIGS), [accuracy(preset, norm) for norm in CONFIGS], "final test accuracy")
-            ax.set_title(f"{preset} preset (lr {PRESETS[preset]['lr']:g}, batch {PRESETS[preset]['batch_size']})")
-        save_figure(fig, settings.out / "lite_accuracy.png")
-        return "lite_accuracy.png", ("Final test accuracy of full, mean-only and variance-only BN and no norm (bars: "
-                                     "mean over seeds; whiskers: half the range).")
-
-    @staticmethod
-    def _plot_curves(results, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(2, len(PRESETS), figsize=(10, 6.4), sharex=True)
-        for column, preset in enumerate(PRESETS):
-            for row, (metric, label) in enumerate((("train_loss", "train loss"), ("test_acc", "test accuracy"))):
-                curves = {norm: mean_curve(results[(preset, norm)], metric) for norm in CONFIGS}
-                plot_epoch_curves(axes[row][column], curves, label)
-                axes[row][column].set_title(f"{preset} preset: {label}")
-        axes[1][0].legend(fontsize=8)
-        save_figure(fig, settings.out / "lite_curves.png")
-        return "lite_curves.png", ("Train loss and test accuracy per epoch (mean over seeds); a run that diverged "
-                                   "ends where it stopped.")

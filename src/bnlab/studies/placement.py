@@ -15,11 +15,10 @@ difference to "all" is within the seed-to-seed noise (`difference`).
 from __future__ import annotations
 
 from bnlab.models import PLACEMENTS
-from bnlab.studies.core import (Outcome, Report, Run, Settings, Study, difference, fmt, markdown_table, mean_curve,
-                                plot_epoch_curves, pyplot, save_figure)
-from bnlab.studies.exercise_common import (FULL_SEEDS, NO_NORM, config_name, diverged_count, finals, fixed_settings,
-                                           gain_columns, group_results, plot_bars, preset_of, share_of_gain,
-                                           training_params)
+from bnlab.studies.core import (Outcome, Report, Run, Settings, Study, difference, fmt, markdown_table)
+from bnlab.studies.exercise_common import (FULL_SEEDS, LOSS_AND_ACCURACY, NO_NORM, config_name, diverged_count, finals,
+                                           fixed_settings, gain_columns, group_results, plot_accuracy_by_preset,
+                                           plot_curves_by_preset, preset_of, share_of_gain, training_params)
 from bnlab.train import PRESETS
 
 # Placement name -> the model_options that realize it; "none" is the same network without norm layers.
@@ -69,7 +68,13 @@ class Placement(Study):
             varied={"placement": [f"{name} ({sites_of(name)})" for name in CONFIGS], "preset": tuple(PRESETS)},
             sections=[("Results (final epoch, mean ± std over seeds)", table)],
             conclusions=conclusions,
-            plots=[self._plot_accuracy(accuracy, settings), self._plot_curves(results, settings)],
+            plots=[plot_accuracy_by_preset(accuracy, list(CONFIGS), settings, "placement_accuracy.png",
+                                           "Final test accuracy per BN placement (bars: mean over seeds; whiskers: "
+                                           "half the range). all: after conv1, conv2, fc1, fc2; conv: conv1, conv2; "
+                                           "linear: fc1, fc2; first: conv1; none: no BN."),
+                   plot_curves_by_preset(results, list(CONFIGS), settings, "placement_curves.png",
+                                         "Train loss and test accuracy per epoch for every placement (mean over "
+                                         "seeds).", metrics=LOSS_AND_ACCURACY)],
         )
 
     @staticmethod
@@ -115,29 +120,3 @@ class Placement(Study):
                 + " and ".join(f"{mean_share[p]:.0%} of the gain at the {p} preset (lr {PRESETS[p]['lr']:g})"
                                for p in PRESETS)
                 + f": leaving layers without BN costs more at the {costlier} preset.")
-
-    @staticmethod
-    def _plot_accuracy(accuracy, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(1, len(PRESETS), figsize=(9, 3.4), sharey=True)
-        for ax, preset in zip(axes, PRESETS):
-            plot_bars(ax, list(CONFIGS), [accuracy(preset, name) for name in CONFIGS], "final test accuracy")
-            ax.set_title(f"{preset} preset (lr {PRESETS[preset]['lr']:g}, batch {PRESETS[preset]['batch_size']})")
-        save_figure(fig, settings.out / "placement_accuracy.png")
-        return "placement_accuracy.png", ("Final test accuracy per BN placement (bars: mean over seeds; whiskers: "
-                                          "half the range). all: after conv1, conv2, fc1, fc2; conv: conv1, conv2; "
-                                          "linear: fc1, fc2; first: conv1; none: no BN.")
-
-    @staticmethod
-    def _plot_curves(results, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(2, len(PRESETS), figsize=(10, 6.4), sharex=True)
-        for column, preset in enumerate(PRESETS):
-            for row, (metric, label) in enumerate((("train_loss", "train loss"), ("test_acc", "test accuracy"))):
-                curves = {name: mean_curve(results[(preset, name)], metric) for name in CONFIGS}
-                plot_epoch_curves(axes[row][column], curves, label)
-                axes[row][column].set_title(f"{preset} preset: {label}")
-        axes[1][0].legend(fontsize=8)
-        save_figure(fig, settings.out / "placement_curves.png")
-        return "placement_curves.png", "Train loss and test accuracy per epoch for every placement (mean over seeds)."
-
