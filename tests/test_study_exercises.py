@@ -18,6 +18,7 @@ import pytest
 
 from bnlab import cli
 from bnlab.models import NORM_SITES, PLACEMENTS
+from bnlab.studies import dropout
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Configuration labels each study's results table must list (every one, for both presets).
@@ -230,9 +231,13 @@ def test_dropout_gap_is_eval_mode_train_accuracy_minus_test_accuracy(quick_study
             "bn+dropout" if "norm" not in options else "dropout")
         train_acc = result["train_eval"]["acc"]
         assert 0.0 <= train_acc <= 1.0 and math.isfinite(result["train_eval"]["loss"])
-        row = rows[(preset_of(entry["params"]), name)]
+        small = entry["params"].get("train_subset") == dropout.SMALL_DATA["quick"]["train_subset"]
+        row = rows[(dropout.SMALL if small else preset_of(entry["params"]), name)]
         assert row[3] == f"{train_acc:.3f}" and row[4] == f"{train_acc - final_test_acc(entry):.3f}"
         if name == "bn+dropout":  # dropout's masks depress the train-mode average, not the eval-mode accuracy
             assert train_acc > result["history"][-1]["train_acc"]
+    assert {row[0] for row in rows.values() if row[1] == "bn"} == {*PRESETS, dropout.SMALL}
     text = findings(out)
     assert "train − test gap (eval mode)" in text and "Adding dropout to BN" in text
+    assert f"{dropout.SMALL} (lr 1, batch 256, 1000 training examples for 12 epochs)" in text
+    assert "current preset (lr 0.1, batch 128)" in text

@@ -138,18 +138,20 @@ def plot_accuracy_by_preset(accuracy: Callable[[str, str], Sequence[float]], nam
 
 
 def plot_curves_by_preset(results: dict, names: Sequence[str], settings: Settings, filename: str, caption: str, *,
-                          metrics: Sequence[tuple[str, str]] = TEST_ACCURACY,
-                          label: Callable[[str], str] = str) -> tuple[str, str]:
-    """Per-epoch means over seeds of each configuration, a column per preset and a row per (metric, axis label);
-    `results[(preset, name)]` holds the runs. Returns (filename, caption)."""
+                          metrics: Sequence[tuple[str, str]] = TEST_ACCURACY, label: Callable[[str], str] = str,
+                          panels: Sequence[str] = tuple(PRESETS),
+                          title: Callable[[str], str] = "{} preset".format) -> tuple[str, str]:
+    """Per-epoch means over seeds of each configuration, a column per panel (the presets unless given) and a
+    row per (metric, axis label); `results[(panel, name)]` holds the runs. Returns (filename, caption)."""
     plt = pyplot()
-    fig, axes = plt.subplots(len(metrics), len(PRESETS), figsize=(9 + (len(metrics) > 1), 0.2 + 3.2 * len(metrics)),
-                             sharex=True, sharey="row", squeeze=False)
-    for column, preset in enumerate(PRESETS):
+    width = 4.5 * len(panels) + (len(metrics) > 1)
+    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(width, 0.2 + 3.2 * len(metrics)), sharex=True,
+                             sharey="row", squeeze=False)
+    for column, panel in enumerate(panels):
         for row, (metric, axis_label) in enumerate(metrics):
-            curves = {label(name): mean_curve(results[(preset, name)], metric) for name in names}
+            curves = {label(name): mean_curve(results[(panel, name)], metric) for name in names}
             plot_epoch_curves(axes[row][column], curves, axis_label)
-            axes[row][column].set_title(f"{preset} preset" + (f": {axis_label}" if len(metrics) > 1 else ""))
+            axes[row][column].set_title(title(panel) + (f": {axis_label}" if len(metrics) > 1 else ""))
             if row < len(metrics) - 1:
                 axes[row][column].set_xlabel("")  # the shared epoch axis is labelled once, at the bottom
     axes[-1][0].legend(fontsize=8)
