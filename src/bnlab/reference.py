@@ -68,13 +68,8 @@ def forward(
     gamma = np.ones(channels) if gamma is None else np.asarray(gamma, dtype=np.float64)
     beta = np.zeros(channels) if beta is None else np.asarray(beta, dtype=np.float64)
     if training:
-        n = x.size // channels
-        mean = x.mean(axis=_axes(x))
-        var = ((x - _channel(mean, x)) ** 2).mean(axis=_axes(x))
-        if running_mean is not None:
-            running_mean = (1 - momentum) * np.asarray(running_mean, dtype=np.float64) + momentum * mean
-        if running_var is not None:
-            running_var = (1 - momentum) * np.asarray(running_var, dtype=np.float64) + momentum * var * n / (n - 1)
+        mean, var = _batch_moments(x)
+        running_mean, running_var = _updated_running(running_mean, running_var, mean, var, x, momentum)
     else:
         mean = np.asarray(running_mean, dtype=np.float64)
         var = np.asarray(running_var, dtype=np.float64)
@@ -132,16 +127,24 @@ def _ema(running, batch, momentum):
     return (1 - momentum) * np.asarray(running, dtype=np.float64) + momentum * batch
 
 
+def _updated_running(running_mean, running_var, mean, var, x, momentum):
+    """The running statistics after a training step on x: a momentum step towards the batch mean and the
+    unbiased batch variance, var * n / (n - 1) (torch's convention). A missing one stays None."""
+    n = x.size // x.shape[1]
+    if running_mean is not None:
+        running_mean = _ema(running_mean, mean, momentum)
+    if running_var is not None:
+        running_var = _ema(running_var, var * n / (n - 1), momentum)
+    return running_mean, running_var
+
+
 def mean_only_forward(x, gamma, beta, running_mean=None, running_var=None, training=True, momentum=0.1):
     """Mean-only BN: y = (x - mean) * gamma + beta. Returns (y, running_mean, running_var), the running
     statistics updated as batch norm's (training) or unchanged."""
     x = np.asarray(x, dtype=np.float64)
     if training:
         mean, var = _batch_moments(x)
-        n = x.size // x.shape[1]
-        if running_mean is not None:
-            running_mean = _ema(running_mean, mean, momentum)
-            running_var = _ema(running_var, var * n / (n - 1), momentum)
+        running_mean, running_var = _updated_running(running_mean, running_var, mean, var, x, momentum)
     else:
         mean = np.asarray(running_mean, dtype=np.float64)
     return _channel(gamma, x) * (x - _channel(mean, x)) + _channel(beta, x), running_mean, running_var
@@ -164,10 +167,7 @@ def variance_only_forward(x, gamma, beta, running_mean=None, running_var=None, t
     x = np.asarray(x, dtype=np.float64)
     if training:
         mean, var = _batch_moments(x)
-        n = x.size // x.shape[1]
-        if running_mean is not None:
-            running_mean = _ema(running_mean, mean, momentum)
-            running_var = _ema(running_var, var * n / (n - 1), momentum)
+        running_mean, running_var = _updated_running(running_mean, running_var, mean, var, x, momentum)
     else:
         var = np.asarray(running_var, dtype=np.float64)
     y = _channel(gamma, x) * x / np.sqrt(_channel(var, x) + eps) + _channel(beta, x)
@@ -202,8 +202,7 @@ def batch_renorm_forward(x, gamma, beta, running_mean, running_var, r_max, d_max
     d = np.clip((mean_b - running_mean) / sigma, -d_max, d_max)
     x_hat = (x - _channel(mean_b, x)) / _channel(sigma_b, x) * _channel(r, x) + _channel(d, x)
     y = _channel(gamma, x) * x_hat + _channel(beta, x)
-    n = x.size // x.shape[1]
-    return y, r, d, _ema(running_mean, mean_b, momentum), _ema(running_var, var_b * n / (n - 1), momentum)
+    return (y, r, d, *_updated_running(running_mean, running_var, mean_b, var_b, x, momentum))
 
 
 def ghost_batch_norm_forward(x, gamma, beta, running_mean, running_var, ghost_batch_size, momentum=0.1, eps=1e-5):
