@@ -186,15 +186,14 @@ class Dropout(Study):
         plt = pyplot()
         fig, axes = plt.subplots(2, len(REGIMES), figsize=(14, 6.4), sharex=True, sharey="row")
         names, width = list(CONFIGS), 0.38
+        lowest = 1.0
         for column, regime in enumerate(REGIMES):
             ax = axes[0][column]
-            lowest = 1.0
             for offset, (label, metric) in zip((-width / 2, width / 2), (
                     ("train acc (eval mode)", train_accuracy), ("test acc", lambda rs: finals(rs, "test_acc")))):
                 means = [mean_std(metric(results[(regime, name)]))[0] for name in names]
                 ax.bar([i + offset for i in range(len(names))], means, width, label=label)
                 lowest = min([lowest] + [m for m in means if m == m])
-            ax.set_ylim(max(0.0, lowest - 0.05), 1.0)  # zoomed in: the gaps are a few points of accuracy
             ax.set_title(f"{regime_title(regime)}: accuracy")
             ax.grid(axis="y", alpha=0.3)
             plot_bars(axes[1][column], names, [gaps(results[(regime, name)]) for name in names], "train − test gap")
@@ -202,6 +201,7 @@ class Dropout(Study):
             axes[1][column].set_title(f"{regime_title(regime)}: train − test gap")
             if column:  # the rows share their y axis: one label per row
                 axes[1][column].set_ylabel("")
+        axes[0][0].set_ylim(max(0.0, lowest - 0.05), 1.0)  # the row shares it; zoomed in to show gaps of a few points
         axes[0][0].set_ylabel("accuracy (mean over seeds)")
         axes[0][0].legend(fontsize=8)
         save_figure(fig, settings.out / "dropout_gap.png")
