@@ -143,8 +143,8 @@ class Depth(Study):
     name = "depth"
     question = ("Does batch normalization make 100-layer networks trainable, with and without residual "
                 "connections, and what happens to the gradients at initialization?")
-    full_runtime = ("about 20 minutes on 2 cores (108 runs of up to 5 epochs on 20000 examples, --jobs 2; diverged runs "
-                    "stop early)")
+    full_runtime = ("about 11 minutes on 2 cores (108 runs of up to 5 epochs on 20000 examples, --jobs 2; diverged runs "
+                    "stop early; measured 11)")
 
     def runs(self, settings: Settings) -> list[Run]:
         data_options = QUICK_DATA if settings.quick else FULL_DATA

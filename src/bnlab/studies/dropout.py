@@ -92,8 +92,8 @@ class Dropout(Study):
     name = "dropout"
     question = ("Can batch normalization replace dropout, and does BN regularize (narrow the gap between training "
                 "and test accuracy) as the chapter says?")
-    full_runtime = ("about 30 minutes on 2 cores (24 runs of 10 epochs at ~100 s each and 12 small-data runs of "
-                    "100 epochs on 5000 examples, --jobs 2)")
+    full_runtime = ("about 36 minutes on 2 cores (24 runs of 10 epochs and 12 small-data runs of 100 epochs on 5000 "
+                    "examples, --jobs 2; measured 24 + 12)")
 
     def runs(self, settings: Settings) -> list[Run]:
         return [Run("train-set-accuracy", regime_params(regime, settings, seed, options))

@@ -86,8 +86,7 @@ class Lite(Study):
     name = "lite"
     question = ("Which half of batch normalization does the work: subtracting the batch mean only, dividing by the "
                 "batch standard deviation only, or do we need both?")
-    full_runtime = ("about 25 minutes on 2 cores (24 runs of 10 epochs, --jobs 2; ~100 s each, the lite BNs' "
-                    "up to 1.7x slower)")
+    full_runtime = "about 20 minutes on 2 cores (24 runs of 10 epochs, --jobs 2; measured 20)"
 
     def runs(self, settings: Settings) -> list[Run]:
         seeds = settings.seed_list(FULL_SEEDS)

@@ -288,7 +288,7 @@ class Smoothness(Study):
     name = "smoothness"
     question = ("Does BN reduce internal covariate shift (drift of layer inputs), or does it mainly make the loss "
                 "and its gradient smoother (Santurkar et al. 2018)?")
-    full_runtime = "about 25 minutes on 2 cores (18 runs of 10 epochs with probes, --jobs 2)"
+    full_runtime = "about 15 minutes on 2 cores (18 runs of 10 epochs with probes, --jobs 2; measured 15)"
 
     @staticmethod
     def plan(settings: Settings) -> dict:
