@@ -65,6 +65,8 @@ def test_compare_quick_report(compare_run):
     assert f"current preset, avg pooling: BN changes final test accuracy by {gain:+.3f}" in report
     # bnlab's from-scratch BN and torch's trained the same network from the same seed
     assert abs(acc[("bn-lenet", "avg", 0.1)] - acc[("bn-lenet-torch", "avg", 0.1)]) < 0.01
+    paired = max(abs(acc[("bn-lenet", pool, 0.1)] - acc[("bn-lenet-torch", pool, 0.1)]) for pool in ("avg", "max"))
+    assert f"final test accuracies differ by at most {paired:.4f}" in report
 
 
 def test_a_rerun_is_served_from_the_cache(compare_run, capsys):
