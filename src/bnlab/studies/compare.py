@@ -83,8 +83,8 @@ class Compare(Study):
                                        metric(("current", "avg", "bn-lenet-torch"), "examples_per_sec"))]
         if speed:
             conclusions.append(f"Training throughput, current preset: bn-lenet runs at {fmt(speed, 2)}× the examples/s "
-                               f"of bn-lenet-torch (separate runs, {settings.jobs} at a time, so machine load differs "
-                               "between them; `bnlab bench train` compares them side by side).")
+                               f"of bn-lenet-torch (separate runs, which may have shared the machine with others, so load "
+                               "differs between them; `bnlab bench train` compares them side by side).")
 
         plots = [self._plot_bars(metric, settings), self._plot_curves(by_config, settings)]
         return Report(
