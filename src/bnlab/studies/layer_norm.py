@@ -163,14 +163,20 @@ class LayerNormStudy(Study):
     @staticmethod
     def _plot_accuracy(batches, accuracy, settings):
         plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 3.8))
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
         plot_against_batch_size(ax, {norm: {size: accuracy[(norm, size)] for size in batches} for norm in NORMS},
                                 "final test accuracy")
+        default = DEFAULT_RUN["quick" if settings.quick else "full"]
+        for index, norm in enumerate(NORMS):  # the default setting, beside the grid's point at the same batch size
+            mean, std = mean_std(accuracy[(norm, DEFAULT)])
+            ax.errorbar([default["batch_size"] * 1.15], [mean], yerr=[std], fmt="*", ms=9, capsize=3, color=f"C{index}",
+                        label="default setting" if index == 0 else None)
         ax.legend(fontsize=8)
         save_figure(fig, settings.out / "layer_norm_accuracy.png")
         return ("layer_norm_accuracy.png",
                 "Final test accuracy per normalization against the batch size (mean ± std over seeds; lr = "
-                "0.1·sqrt(batch/128)).")
+                f"0.1·sqrt(batch/128); matched epochs, so the larger batches take fewer steps). Stars: the default "
+                f"setting (batch {default['batch_size']}, lr {default['lr']:g}, {default['epochs']} epochs).")
 
     @staticmethod
     def _plot_curves(batches, results, settings):
