@@ -29,6 +29,7 @@ from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Stud
 from bnlab.studies.exercise_common import (FULL_SEEDS, LOSS_AND_ACCURACY, MODEL, config_name, diverged_count, finals,
                                            fixed_settings, gain_columns, group_results, plot_accuracy_by_preset,
                                            plot_curves_by_preset, preset_of, share_of_gain, training_params)
+from bnlab.studies.custom_runs import activations_at
 from bnlab.studies.runs import best, history_of
 from bnlab.train import PRESETS
 
@@ -61,15 +62,11 @@ def sigmoid_inputs_run(params: dict, context: RunContext) -> dict:
     """
     torch.manual_seed(params["seed"])  # as train() does right before building: the same initial network
     net = build_model(params["model"], **params["model_options"]).train()
-    inputs = []
-    hooks = [m.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach()))
-             for m in net.modules() if isinstance(m, torch.nn.Sigmoid)]
-    with torch.no_grad():
+    sigmoids = {str(i): m for i, m in enumerate(m for m in net.modules() if isinstance(m, torch.nn.Sigmoid))}
+    with activations_at(sigmoids) as inputs, torch.no_grad():
         net(to_input(context.dataset().train_images[:PROBE_IMAGES]))
-    for hook in hooks:
-        hook.remove()
     off_center, saturated = [], []
-    for z in inputs:
+    for z in (inputs[label] for label in sigmoids):
         dims = [d for d in range(z.dim()) if d != 1]
         off_center.append(float((z.mean(dims).abs() / z.std(dims).clamp_min(1e-12)).mean()))
         slope = torch.sigmoid(z) * torch.sigmoid(-z)
