@@ -28,10 +28,9 @@ import torch
 
 from bnlab.data import FashionMNIST
 from bnlab.studies.claims_common import plot_against_batch_size, round_lr, scaled_lr
-from bnlab.studies.runs import trained_network
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
                                 mean_std, pyplot, run_kind, save_figure)
-from bnlab.studies.runs import train_run
+from bnlab.studies.runs import train_run, trained_network
 from bnlab.train import evaluate
 
 FULL_SIZES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
