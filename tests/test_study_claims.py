@@ -18,12 +18,14 @@ import pytest
 import torch
 
 from bnlab import cli
+from bnlab.data import to_input
 from bnlab.data import FashionMNIST
-from bnlab.models import build_model
-from bnlab.studies.batch_size import lr_grid, validation_split
+from bnlab.models import build_model, norm_layers
+from bnlab.studies.batch_size import FULL_PLAN, QUICK_PLAN, validation_split
 from bnlab.studies import layer_norm
 from bnlab.studies.depth import deep_mlp
 from bnlab.studies.population_stats import evaluate_with_batch_statistics
+from bnlab.studies.runs import with_precise_statistics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STUDIES = ("batch-size", "population-stats", "depth", "layer-norm")
@@ -101,15 +103,33 @@ def test_batch_size_findings_quote_the_best_size_chosen_on_validation(quick_stud
     runs = [(p, r) for p, r in cached(out, "batch-size-train") if not p.get("model_options")]
     best_size, best_acc = None, -1.0
     for size in sorted({p["batch_size"] for p, _ in runs}):
-        candidates = [(r["curve"][-1]["val_acc"], r["test_acc"]) for p, r in runs
+        candidates = [(r["val_acc_precise"], r["test_acc_precise"]) for p, r in runs
                       if p["batch_size"] == size and r["status"] == "ok"]
         _, test_acc = max(candidates)  # the rate with the best validation accuracy, one seed
         if test_acc > best_acc:
             best_size, best_acc = size, test_acc
     findings = section(report_of(out), "Findings")
     assert f"The best batch size is {best_size} (test accuracy {best_acc:.3f}" in findings
-    sizes = [row[0] for row in table_rows(section(report_of(out), "Results per batch size"))]
-    assert sizes == ["2", "8", "64", "256"]
+    rows = table_rows(section(report_of(out), "Results per batch size"))
+    assert [row[0] for row in rows] == ["2", "8", "64", "256"]
+    for row in rows:  # test accuracy with precise statistics, then with the moving averages, of the chosen rate
+        size, chosen_lr = int(row[0]), float(row[2].split()[0])
+        [result] = [r for p, r in runs if p["batch_size"] == size and p["lr"] == chosen_lr]
+        assert row[3:5] == [f"{result['test_acc_precise']:.3f}", f"{result['test_acc']:.3f}"]
+
+
+def test_precise_statistics_are_exact_over_the_images_and_leave_the_network_as_it_was():
+    torch.manual_seed(0)
+    net = build_model("bn-lenet")
+    images, labels = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (300,))
+    before = {name: buffer.clone() for name, buffer in net.named_buffers()}
+    precise = with_precise_statistics(net, images, labels, batch_size=128)
+    for name, buffer in net.named_buffers():
+        assert torch.equal(buffer, before[name]), f"{name} of the original network changed"
+    [(_, first_bn), *_] = norm_layers(precise)
+    conv_out = precise[0](to_input(images)).transpose(0, 1).flatten(1)  # the first BN's input, per channel
+    torch.testing.assert_close(first_bn.running_mean, conv_out.mean(dim=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first_bn.running_var, conv_out.var(dim=1), rtol=1e-4, atol=1e-6)
 
 
 def test_batch_size_one_is_refused_with_linear_bn_and_trains_with_conv_bn(quick_study):
@@ -122,13 +142,15 @@ def test_batch_size_one_is_refused_with_linear_bn_and_trains_with_conv_bn(quick_
     assert refusal["message"] in findings
     [(params, conv_only)] = [(p, r) for p, r in cached(out, "batch-size-train") if p.get("model_options")]
     assert params["batch_size"] == 1 and params["model_options"] == {"placement": "conv"}
-    assert conv_only["status"] == "ok" and conv_only["test_acc"] > 0.2  # chance is 0.1
-    assert f"test accuracy {conv_only['test_acc']:.3f}, against 0.1 for chance" in findings
+    assert conv_only["status"] == "ok" and conv_only["test_acc_precise"] > 0.2  # chance is 0.1
+    assert f"test accuracy {conv_only['test_acc_precise']:.3f}, against 0.1 for chance" in findings
 
 
 def test_lr_grid_is_square_root_scaled_around_the_current_preset():
-    assert lr_grid(128) == [0.025, 0.1, 0.4]
-    assert lr_grid(2) == [0.00313, 0.0125, 0.05]
+    assert QUICK_PLAN.lr_grid(128) == [0.025, 0.1, 0.4]
+    assert QUICK_PLAN.lr_grid(2) == [0.00313, 0.0125, 0.05]
+    assert FULL_PLAN.lr_grid(128) == [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8]
+    assert FULL_PLAN.at_edge(128, 0.8) and FULL_PLAN.at_edge(128, 0.0125) and not FULL_PLAN.at_edge(128, 0.4)
 
 
 def test_validation_split_is_disjoint_from_training_and_keeps_the_test_set():

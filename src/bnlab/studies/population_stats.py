@@ -20,7 +20,6 @@ over seeds, the best the one with the highest mean; recomputed vs moving is also
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator
@@ -30,11 +29,9 @@ from torch import nn
 
 from bnlab import data
 from bnlab.models import norm_layers
-from bnlab.nn import recompute_stats
-from bnlab.studies.runs import trained_network
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
                                 mean_std, pyplot, run_kind, save_figure)
-from bnlab.studies.runs import history_of
+from bnlab.studies.runs import history_of, trained_network, with_precise_statistics
 from bnlab.train import EVAL_BATCH_SIZE, PRESETS, evaluate
 
 CONFIGS = (("classic", "avg"), ("classic", "max"), ("current", "avg"))  # (preset, pooling)
@@ -83,8 +80,7 @@ def evaluate_with_batch_statistics(net: nn.Module, images: torch.Tensor, labels:
 def predict_three_ways(net: nn.Module, dataset, batch_size: int) -> dict[str, float]:
     """Test accuracy of the trained `net` with each method of METHODS (see the module docstring)."""
     cpu = torch.device("cpu")
-    recomputed = recompute_stats(copy.deepcopy(net), data.batches(
-        dataset.train_images, dataset.train_labels, EVAL_BATCH_SIZE, shuffle=False))
+    recomputed = with_precise_statistics(net, dataset.train_images, dataset.train_labels, EVAL_BATCH_SIZE)
     return {
         "moving": evaluate(net, dataset.test_images, dataset.test_labels, cpu)[1],
         "recomputed": evaluate(recomputed, dataset.test_images, dataset.test_labels, cpu)[1],

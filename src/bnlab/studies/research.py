@@ -55,11 +55,11 @@ import torch
 
 from bnlab import data
 from bnlab.models import NORM_SITES, build_model, norm_layers
-from bnlab.nn import recompute_stats
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
                                 mean_curve, mean_std, plot_epoch_curves, pyplot, run_kind, save_figure)
 from bnlab.studies.custom_runs import (Hooks, LoopSpec, activations_at, channel_columns, side_effect_free,
                                        train_with_hooks)
+from bnlab.studies.runs import with_precise_statistics
 from bnlab.train import evaluate
 
 L1_COEFFICIENTS = (3e-3, 1e-2)
@@ -131,8 +131,7 @@ def accuracies(net, sets, on_train_set: bool = True) -> dict:
     if on_train_set:
         result["train"] = evaluate(net, sets.train_images[:GAP_IMAGES], sets.train_labels[:GAP_IMAGES], cpu)[1]
     if all(layer.eval_is_batch_norm for _, layer in norm_layers(net)):
-        precise = recompute_stats(copy.deepcopy(net), (x for x, _ in data.batches(
-            sets.train_images, sets.train_labels, BATCH_SIZE, shuffle=False)))
+        precise = with_precise_statistics(net, sets.train_images, sets.train_labels, BATCH_SIZE)
         result["test_precise"] = evaluate(precise, sets.test_images, sets.test_labels, cpu)[1]
     return result
 

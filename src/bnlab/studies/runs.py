@@ -39,6 +39,18 @@ def trained_network(params: dict, context: RunContext):
     return result, net.eval()
 
 
+def with_precise_statistics(net, images, labels, batch_size: int):
+    """A copy of `net` whose BN running statistics are recomputed exactly over (images, labels), taken in
+    order in batches of `batch_size` (`bnlab.nn.recompute_stats`): the chapter's "standard practice" for
+    prediction, free of the moving averages' lag. `net` itself is left as it was."""
+    import copy
+
+    from bnlab import data
+    from bnlab.nn import recompute_stats
+
+    return recompute_stats(copy.deepcopy(net), data.batches(images, labels, batch_size, shuffle=False))
+
+
 def training_data(params: dict, context: RunContext):
     """The data set exactly as the training run saw it (the same seeded subsets)."""
     return context.dataset().subset(params.get("train_subset"), params.get("test_subset"), seed=params["seed"])
