@@ -171,7 +171,7 @@ def test_recompute_stats_errors_leave_the_statistics_alone():
     bn = bnn.BatchNorm1d(2)
     with pytest.raises(ValueError, match="yielded nothing"):
         bnn.recompute_stats(bn, [])
-    with pytest.raises(ValueError, match="no batch-norm layer"):
+    with pytest.raises(ValueError, match="no batch-norm or whitening layer"):
         bnn.recompute_stats(nn.Linear(2, 2), [torch.randn(4, 2)])
 
     def failing():
@@ -181,6 +181,53 @@ def test_recompute_stats_errors_leave_the_statistics_alone():
     with pytest.raises(RuntimeError, match="data broke"):
         bnn.recompute_stats(bn, failing())
     assert torch.equal(bn.running_mean, torch.zeros(2)) and torch.equal(bn.running_var, torch.ones(2))
+
+
+@pytest.mark.parametrize("layer, expected", [
+    (bnn.BatchNorm2d(3), True),
+    (nn.BatchNorm2d(3), True),
+    (bnn.BatchNorm2d(3, track_running_stats=False), False),
+    (bnn.DecorrelatedBatchNorm2d(4, group_size=2), True),
+    (bnn.IterNorm2d(4, group_size=2), True),
+    (bnn.IterNorm2d(4, group_size=2, track_running_stats=False), False),
+    (bnn.PITNorm2d(3), False),  # running quantiles: no exact statistic to set
+    (bnn.MeanOnlyBatchNorm2d(3), False),
+    (bnn.LayerNorm(3), False),
+    (nn.Linear(3, 3), False),
+], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v))
+def test_recomputable_layers(layer, expected):
+    assert bnn.recomputable(layer) is expected
+
+
+@pytest.mark.parametrize("make", [lambda: bnn.DecorrelatedBatchNorm2d(6, group_size=3, dtype=torch.float64),
+                                  lambda: bnn.IterNorm2d(6, group_size=3, iterations=4, dtype=torch.float64)],
+                         ids=["zca", "iternorm"])
+def test_recompute_stats_whitens_in_eval_mode_by_the_exact_covariance(make):
+    """After recomputing over chunks of a data set, eval mode maps that data exactly as training mode maps it
+    in one batch: the same mean and the same whitening matrix, of the whole set's covariance."""
+    gen = torch.Generator().manual_seed(0)
+    mixing = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    data_set = torch.einsum("nchw,dc->ndhw", torch.randn(40, 6, 3, 3, generator=gen, dtype=torch.float64), mixing) + 2
+    layer = make()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0, generator=gen)
+        layer.bias.uniform_(-1.0, 1.0, generator=gen)
+        whole_batch = copy.deepcopy(layer).train()(data_set)
+    layer(data_set[:5])  # running statistics away from their initial values
+    tracked = int(layer.num_batches_tracked)
+    bnn.recompute_stats(layer, data_set.split([7, 20, 13]))
+    torch.testing.assert_close(layer.eval()(data_set), whole_batch, rtol=1e-9, atol=1e-9)
+    assert int(layer.num_batches_tracked) == tracked
+
+
+def test_recompute_stats_leaves_layers_it_cannot_recompute_alone():
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), bnn.BatchNorm2d(3), bnn.PITNorm2d(3))
+    net(torch.randn(8, 1, 6, 6))
+    quantiles = net[2].running_quantiles.clone()
+    bnn.recompute_stats(net, [torch.randn(8, 1, 6, 6) * 3])
+    assert torch.equal(net[2].running_quantiles, quantiles)
+    with pytest.raises(ValueError, match="no batch-norm or whitening layer"):
+        bnn.recompute_stats(bnn.PITNorm2d(3), [torch.randn(8, 3, 4, 4)])
 
 
 # ---- accumulate_stats -------------------------------------------------------------------------------

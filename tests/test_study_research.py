@@ -93,6 +93,9 @@ def test_research_findings_quote_the_measured_numbers(research_quick):
         line = next(line for line in findings.splitlines() if line.startswith(f"- {config.label} vs BN:"))
         accuracy, baseline = results[config.label]["accuracy"]["test"], results["BN"]["accuracy"]["test"]
         assert f"test accuracy {accuracy:.3f} vs {baseline:.3f}" in line
+        precise = results[config.label]["accuracy"]["test_precise"]
+        if precise is not None:
+            assert f"with precise statistics {precise:.3f} vs {results['BN']['accuracy']['test_precise']:.3f}" in line
     bn = results["BN"]["whiteness"]["eval"]
     bn_output = sum(bn[s]["output"]["within"] for s in bn) / len(bn)
     assert f"mean |corr| {bn_output:.3f}" in findings
@@ -101,7 +104,9 @@ def test_research_findings_quote_the_measured_numbers(research_quick):
 def test_research_whitening_facts(research_quick):
     out, _, _ = research_quick
     results = research_by_label(out)
-    for mode in ("train", "eval"):
+    assert {label: sorted(r["whiteness"]) for label, r in results.items()} == {
+        label: ["eval", "train"] if label == "PIT" else ["eval", "precise", "train"] for label in results}
+    for mode in ("train", "eval", "precise"):
         for site, measured in results["BN"]["whiteness"][mode].items():
             # A per-channel affine map leaves correlations exactly as they were.
             assert measured["output"]["within"] == pytest.approx(measured["input"]["within"], abs=1e-6), site
@@ -125,7 +130,7 @@ def test_research_sparsification_facts(research_quick):
         prunable = sum(g < research.PRUNE_THRESHOLD for g in r["sparsity"]["abs_gamma"])
         if prunable == 0:  # nothing pruned: the pruned network is the network
             assert r["sparsity"]["accuracy"]["test"] == r["accuracy"]["test"], label
-        assert (r["accuracy"]["test_precise"] is None) == (label in ("PIT", "ZCA", "IterNorm")), label
+        assert (r["accuracy"]["test_precise"] is None) == (label == "PIT"), label
     ratios = {label: r["step_seconds"]["this"] / r["step_seconds"]["BN"] for label, r in results.items()}
     assert ratios["PIT"] > 1.2 and ratios["ZCA"] > 1.2  # both cost more per step than BN
 

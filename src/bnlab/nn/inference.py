@@ -12,7 +12,8 @@ and the BN becomes an identity: one pass over the activations fewer at every suc
 `recompute_stats(model, batches)` replaces the running statistics, an exponential average of noisy
 batch statistics taken while the weights were still moving, with the exact mean and unbiased
 variance of each BN's input over the given batches ("precise BN", Wu & Johnson 2021): the chapter's
-"standard practice" of computing the statistics on the whole training set once training is done.
+"standard practice" of computing the statistics on the whole training set once training is done. For
+the whitening layers it sets the running whitening matrix to that of the exact covariance.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from torch import Tensor, fx, nn
 
 from bnlab.nn.batchnorm import BatchNormBase, PooledMoments
 from bnlab.nn.variants import FrozenBatchNorm
+from bnlab.nn.whitening import _GroupWhitening
 
-__all__ = ["fold_batchnorm", "recompute_stats"]
+__all__ = ["fold_batchnorm", "recomputable", "recompute_stats"]
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _TORCH_BN = nn.modules.batchnorm._BatchNorm
@@ -144,17 +146,67 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def _statistics(m: nn.Module) -> list[Tensor]:
-    tracked = getattr(m, "num_batches_tracked", None)
-    return [m.running_mean, m.running_var] + ([tracked] if tracked is not None else [])
+class PooledCovariance:
+    """Exact per-group count, mean and scatter matrix of (N, C, ...) inputs over several batches, for
+    groups of `group_size` consecutive channels (Chan's merge, in float64)."""
+
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
+        self.count, self.mean, self.scatter = 0, None, None
+
+    def add(self, x: Tensor) -> None:
+        with torch.no_grad():
+            columns = x.detach().double().transpose(0, 1).reshape(x.shape[1] // self.group_size, self.group_size, -1)
+            n = columns.shape[-1]
+            mean = columns.mean(-1)
+            centered = columns - mean[..., None]
+            scatter = centered @ centered.transpose(-1, -2)
+        if self.mean is None:
+            self.count, self.mean, self.scatter = n, mean, scatter
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.scatter = self.scatter + scatter + delta[..., :, None] * delta[..., None, :] * (self.count * n / total)
+        self.count = total
+
+
+def _population_estimator(m: nn.Module):
+    """(an accumulator of `m`'s inputs, a function writing its exact statistics into `m`) for a layer whose
+    running statistics `recompute_stats` can set exactly; None for any other module."""
+    if _is_batch_norm(m):
+        def write_moments(moments: PooledMoments) -> None:
+            m.running_mean.copy_(moments.mean)
+            m.running_var.copy_(moments.m2 / (moments.count - 1))
+
+        return PooledMoments(), write_moments
+    if isinstance(m, _GroupWhitening) and m.track_running_stats:
+        def write_covariance(pooled: PooledCovariance) -> None:
+            m.set_population_statistics(pooled.mean.reshape(-1), pooled.scatter / pooled.count)
+
+        return PooledCovariance(m.group_size), write_covariance
+    return None
+
+
+def recomputable(m: nn.Module) -> bool:
+    """Whether `recompute_stats` sets `m`'s running statistics: a batch norm proper with running
+    statistics (bnlab's or torch's), or a whitening layer (DecorrelatedBatchNorm2d, IterNorm2d) tracking
+    its running mean and whitening matrix."""
+    return _population_estimator(m) is not None
 
 
 def recompute_stats(model: nn.Module, batches: Iterable) -> nn.Module:
-    """Set every BN's running mean and unbiased variance to the exact statistics over `batches`.
+    """Set every norm layer's running statistics to the exact statistics of its input over `batches`.
 
-    One pass over `batches` (tensors, or tuples whose first element is the model input) with every BN
-    normalizing by its batch's statistics, as in training, and every other layer in eval mode (no
-    dropout); each BN's input is accumulated exactly (pooled over all values, not an average of batch
+    Batch norm: running mean and unbiased variance. Whitening layers (DecorrelatedBatchNorm2d,
+    IterNorm2d): running mean, and the running whitening matrix replaced by the layer's whitening
+    matrix (ZCA, or its Newton–Schulz iterations) of each group's exact covariance (1/n, as training
+    uses, + eps I) — instead of an average of batch whitening matrices, which is not the whitening
+    matrix of any covariance. Layers `recomputable` does not accept are left alone.
+
+    One pass over `batches` (tensors, or tuples whose first element is the model input) with every such
+    layer normalizing by its batch's statistics, as in training, and every other layer in eval mode (no
+    dropout); each layer's input is accumulated exactly (pooled over all values, not an average of batch
     statistics). Then the running statistics are overwritten, `num_batches_tracked` is left as it
     was, and every module's train/eval mode is restored. Returns the model.
 
@@ -166,17 +218,18 @@ def recompute_stats(model: nn.Module, batches: Iterable) -> nn.Module:
         >>> torch.allclose(bn.running_var, torch.cat(data).var(dim=0), atol=1e-6)
         True
     """
-    layers = [m for m in model.modules() if _is_batch_norm(m)]
-    if not layers:
-        raise ValueError("recompute_stats: the model has no batch-norm layer with running statistics")
+    estimators = {m: estimator for m in model.modules() if (estimator := _population_estimator(m))}
+    if not estimators:
+        raise ValueError("recompute_stats: the model has no batch-norm or whitening layer with running statistics; "
+                         "there is nothing to recompute")
     modes = {m: m.training for m in model.modules()}
-    saved = {m: [t.clone() for t in _statistics(m)] for m in layers}  # the forward passes change them
-    moments = {m: PooledMoments() for m in layers}
-    hooks = [m.register_forward_pre_hook(lambda m, args: moments[m].add(args[0])) for m in layers]
+    # The forward passes move the running statistics: keep them to put back.
+    saved = {m: {name: t.clone() for name, t in m.named_buffers(recurse=False)} for m in estimators}
+    hooks = [m.register_forward_pre_hook(lambda m, args: estimators[m][0].add(args[0])) for m in estimators]
     seen = 0
     try:
         model.eval()
-        for m in layers:
+        for m in estimators:
             m.train()
         with torch.no_grad():
             for batch in batches:
@@ -188,14 +241,13 @@ def recompute_stats(model: nn.Module, batches: Iterable) -> nn.Module:
         for m, training in modes.items():
             m.train(training)
         with torch.no_grad():
-            for m, originals in saved.items():
-                for current, original in zip(_statistics(m), originals):
-                    current.copy_(original)
+            for m, buffers in saved.items():
+                for name, original in buffers.items():
+                    getattr(m, name).copy_(original)
     if seen == 0:
         raise ValueError("recompute_stats: `batches` yielded nothing; pass the batches to compute the statistics over")
     with torch.no_grad():
-        for m, acc in moments.items():
-            if acc.count > 1:
-                m.running_mean.copy_(acc.mean)
-                m.running_var.copy_(acc.m2 / (acc.count - 1))
+        for accumulator, write in estimators.values():
+            if accumulator.count > 1:
+                write(accumulator)
     return model

@@ -86,6 +86,19 @@ class _GroupWhitening(_RankFamily, _OwnRunningStats):
             "running_whitening": eye.repeat(groups, 1, 1),
         }
 
+    def whitening_matrix(self, covariance: Tensor) -> Tensor:
+        """The layer's whitening matrix of (G, m, m) covariances (eps already on the diagonal)."""
+        raise NotImplementedError
+
+    def set_population_statistics(self, mean: Tensor, covariance: Tensor) -> None:
+        """Running mean := `mean` (C,); running whitening := the whitening matrix of `covariance`
+        (G, m, m, the biased 1/n covariance of each group, as training uses) + eps I. In float64."""
+        eye = torch.eye(self.group_size, dtype=torch.float64, device=covariance.device)
+        whitening = self.whitening_matrix(covariance.double() + self.eps * eye)
+        with torch.no_grad():
+            self.running_mean.copy_(mean)
+            self.running_whitening.copy_(whitening)
+
     def running_state(self, running_mean: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(running mean, running whitening) to use or update; none when BatchNormBase passes none."""
         return (running_mean, self.running_whitening) if running_mean is not None else (None, None)
@@ -170,6 +183,9 @@ class DecorrelatedBatchNorm2d(_GroupWhitening):
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias, group_size)
 
+    def whitening_matrix(self, covariance: Tensor) -> Tensor:
+        return F.zca_whitening_matrix(covariance)
+
     def normalize(self, input, running_mean, running_var, use_batch_stats, momentum):
         mean, whitening = self.running_state(running_mean)
         return F.decorrelated_batch_norm(
@@ -245,6 +261,9 @@ class IterNorm2d(_GroupWhitening):
             raise ValueError(f"iterations must be a positive int (T, the Newton-Schulz steps), got {iterations!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias, group_size)
         self.iterations = iterations
+
+    def whitening_matrix(self, covariance: Tensor) -> Tensor:
+        return F.newton_schulz_whitening_matrix(covariance, self.iterations)
 
     def normalize(self, input, running_mean, running_var, use_batch_stats, momentum):
         mean, whitening = self.running_state(running_mean)

@@ -18,10 +18,14 @@ Metrics, at the end of training unless said otherwise:
 
 - test accuracy (eval mode, running statistics) and train loss (cross-entropy averaged over the last
   epoch in train mode, without the penalty); generalization gap = eval-mode accuracy on (the first
-  GAP_IMAGES images of) the training set − test accuracy. For batch-norm configurations also the
-  test accuracy with precise statistics (`recompute_stats` over the training set): with γ shrinking,
-  the next layers' input statistics change faster than the moving averages follow, so those can
-  misjudge an L1-trained network.
+  GAP_IMAGES images of) the training set − test accuracy. Also the test accuracy with precise
+  statistics (`recompute_stats` over the training set; every configuration but PIT, whose running
+  quantiles have no exact counterpart there): the running statistics average batch statistics taken
+  while the weights moved, so they can misjudge a network — one trained with L1, where γ shrinking
+  shifts the next layers' inputs faster than the moving averages follow, or a whitening network,
+  whose running whitening matrix is an average of batch whitening matrices rather than the whitening
+  matrix of any covariance. With precise statistics a whitening layer whitens by the exact
+  covariance of its input over the training set.
 - time per epoch: wall seconds of the training steps (forward, backward, update; no evaluation),
   averaged over epochs. Runs share the machine with each other (and whatever else runs), so the cost
   relative to BN is measured separately at the end of each run: TIMING_ROUNDS rounds, each timing one
@@ -31,7 +35,8 @@ Metrics, at the end of training unless said otherwise:
   norm layer's output (channels as variables, batch × positions as samples), over the pairs inside a
   whitening group (the groups ZCA and IterNorm whiten; all pairs for the convolutions) and, averaged
   over the four layers. Measured in train mode (normalizing by the batch's own statistics, as in
-  training; running statistics left untouched) and in eval mode (running statistics, as deployed).
+  training; running statistics left untouched), in eval mode (running statistics, as deployed) and in
+  eval mode with precise statistics.
   The same for the layer's input shows how much the layer removed: a per-channel affine map such as
   BN leaves correlations exactly as they were.
 - sparsity: the fraction of norm channels with |γ| < PRUNE_THRESHOLD, and the test accuracy after
@@ -55,6 +60,7 @@ import torch
 
 from bnlab import data
 from bnlab.models import NORM_SITES, build_model, norm_layers
+from bnlab.nn import recomputable
 from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
                                 mean_curve, mean_std, plot_epoch_curves, pyplot, run_kind, save_figure)
 from bnlab.studies.custom_runs import (Hooks, LoopSpec, activations_at, channel_columns, side_effect_free,
@@ -110,29 +116,41 @@ def research_run(params: dict, context: RunContext) -> dict:
     if outcome.diverged:
         return result
     net, sets = outcome.net, outcome.dataset
+    precise = precise_copy(net, sets, params["precise_batch"])
     batch = data.to_input(sets.test_images[:WHITENESS_BATCH])
-    result["whiteness"] = {mode: whiteness(net, batch, train=(mode == "train")) for mode in ("train", "eval")}
-    result["accuracy"] = accuracies(net, sets)
+    modes = {"train": net, "eval": net, "precise": precise}
+    result["whiteness"] = {mode: whiteness(model, batch, train=(mode == "train"))
+                           for mode, model in modes.items() if model is not None}
+    result["accuracy"] = accuracies(net, precise, sets)
     scales = torch.cat([layer.weight.detach().abs() for _, layer in norm_layers(net)])
-    result["sparsity"] = {"abs_gamma": scales.tolist(),  # with nothing to prune, the pruned network is the network
-                          "accuracy": (accuracies(pruned(net), sets, on_train_set=False)
-                                       if (scales < PRUNE_THRESHOLD).any() else result["accuracy"])}
+    if (scales < PRUNE_THRESHOLD).any():
+        smaller = pruned(net)
+        pruned_accuracy = accuracies(smaller, precise_copy(smaller, sets, params["precise_batch"]), sets,
+                                     on_train_set=False)
+    else:  # with nothing to prune, the pruned network is the network
+        pruned_accuracy = result["accuracy"]
+    result["sparsity"] = {"abs_gamma": scales.tolist(), "accuracy": pruned_accuracy}
     train_batch = data.to_input(sets.train_images[:BATCH_SIZE]), sets.train_labels[:BATCH_SIZE]
     result["step_seconds"] = interleaved_step_seconds({"this": net, "BN": build_model("bn-lenet")}, *train_batch)
     return result
 
 
-def accuracies(net, sets, on_train_set: bool = True) -> dict:
-    """Eval-mode accuracy on the test set (and on GAP_IMAGES training images if asked), and on the test
-    set with precise BN statistics (`recompute_stats` over the training set; None when the norm layers
-    are not batch norm)."""
+def precise_copy(net, sets, batch_size: int):
+    """`net` with its norm layers' statistics recomputed exactly over the training set (in batches of
+    `batch_size`); None when a norm layer has none that can be (PIT)."""
+    if not all(recomputable(layer) for _, layer in norm_layers(net)):
+        return None
+    return with_precise_statistics(net, sets.train_images, sets.train_labels, batch_size)
+
+
+def accuracies(net, precise, sets, on_train_set: bool = True) -> dict:
+    """Eval-mode accuracy of `net` on the test set (and on GAP_IMAGES training images if asked), and of
+    `precise` (its copy with precise statistics) on the test set; None without it."""
     cpu = torch.device("cpu")
-    result = {"test": evaluate(net, sets.test_images, sets.test_labels, cpu)[1], "test_precise": None}
+    result = {"test": evaluate(net, sets.test_images, sets.test_labels, cpu)[1],
+              "test_precise": evaluate(precise, sets.test_images, sets.test_labels, cpu)[1] if precise else None}
     if on_train_set:
         result["train"] = evaluate(net, sets.train_images[:GAP_IMAGES], sets.train_labels[:GAP_IMAGES], cpu)[1]
-    if all(layer.eval_is_batch_norm for _, layer in norm_layers(net)):
-        precise = with_precise_statistics(net, sets.train_images, sets.train_labels, BATCH_SIZE)
-        result["test_precise"] = evaluate(precise, sets.test_images, sets.test_labels, cpu)[1]
     return result
 
 
@@ -208,7 +226,7 @@ class Research(Study):
         slowest_first = sorted(CONFIGS, key=lambda c: c.norm != "pit")  # a shorter tail with parallel jobs
         return [Run("research", {"model": "bn-lenet", "model_options": {"norm": c.norm}, "l1": c.l1, "lr": LR,
                                  "batch_size": BATCH_SIZE, "epochs": self.epochs(settings), "seed": seed,
-                                 **data_subsets})
+                                 "precise_batch": BATCH_SIZE, **data_subsets})
                 for c in slowest_first for seed in settings.seed_list(3)]
 
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
@@ -235,8 +253,9 @@ class Research(Study):
                       "PIT": "rank → Gaussian quantile per channel; backward is batch norm's (straight-through)",
                       "sparsification": "loss + λ·Σ|γ| over all norm scales (network slimming); "
                                         f"pruned = |γ| < {PRUNE_THRESHOLD:g}, set to 0",
-                      "accuracy": "eval mode with the running statistics; 'precise': BN statistics recomputed "
-                                  "exactly over the training set (batch norm layers only)",
+                      "accuracy": "eval mode with the running statistics; 'precise': the norm layers' statistics "
+                                  f"recomputed exactly over the training set (batches of {BATCH_SIZE}; for ZCA and "
+                                  "IterNorm the whitening matrix of the exact covariance; not for PIT)",
                       "generalization gap": f"eval-mode accuracy on the first {GAP_IMAGES} training images − "
                                             "test accuracy",
                       "whiteness": f"mean |off-diagonal correlation| within whitening groups on {WHITENESS_BATCH} "
@@ -281,9 +300,11 @@ class Measures:
         return [r["step_seconds"]["this"] / r["step_seconds"]["BN"] for r in self.ok[config]]
 
     def correlation(self, config: Config, mode: str, where: str, site=None, pairs: str = "within") -> list[float]:
-        """Per seed: mean |correlation| at `site` (default: averaged over the four norm layers)."""
+        """Per seed: mean |correlation| at `site` (default: averaged over the four norm layers) in `mode`
+        ("train", "eval" or "precise"; a run without precise statistics has no "precise")."""
         sites = NORM_SITES if site is None else (site,)
-        return [sum(r["whiteness"][mode][s][where][pairs] for s in sites) / len(sites) for r in self.ok[config]]
+        return [sum(r["whiteness"][mode][s][where][pairs] for s in sites) / len(sites)
+                for r in self.ok[config] if mode in r["whiteness"]]
 
     def prunable(self, config: Config) -> list[float]:
         return [sum(g < PRUNE_THRESHOLD for g in r["sparsity"]["abs_gamma"]) / len(r["sparsity"]["abs_gamma"])
@@ -293,7 +314,7 @@ class Measures:
 
     def accuracy_table(self) -> str:
         return markdown_table(
-            ["configuration", "test acc", "test acc, precise BN stats", "train loss", "generalization gap",
+            ["configuration", "test acc", "test acc, precise stats", "train loss", "generalization gap",
              "s / epoch", "step time vs BN"],
             [[c.label, fmt(self.accuracy(c)), fmt(self.accuracy(c, "test_precise")), fmt(self.final(c, "train_loss")),
               fmt(self.gap(c)), fmt(self.seconds(c), 1), fmt(self.time_ratio(c), 2) + "×"] for c in CONFIGS])
@@ -302,9 +323,11 @@ class Measures:
         return markdown_table(
             # Escaped pipes: a bare | would end the markdown cell.
             ["configuration", "input \\|corr\\|", "output \\|corr\\|, train mode", "output \\|corr\\|, eval mode",
-             f"prunable (\\|γ\\| < {PRUNE_THRESHOLD:g})", "pruned: test acc", "pruned: test acc, precise BN stats"],
+             "output \\|corr\\|, eval mode, precise stats", f"prunable (\\|γ\\| < {PRUNE_THRESHOLD:g})",
+             "pruned: test acc", "pruned: test acc, precise stats"],
             [[c.label, fmt(self.correlation(c, "eval", "input")), fmt(self.correlation(c, "train", "output")),
-              fmt(self.correlation(c, "eval", "output")), fmt(self.prunable(c), 2),
+              fmt(self.correlation(c, "eval", "output")), fmt(self.correlation(c, "precise", "output")),
+              fmt(self.prunable(c), 2),
               fmt(self.accuracy(c, pruned=True)), fmt(self.accuracy(c, "test_precise", pruned=True))]
              for c in CONFIGS])
 
@@ -323,16 +346,26 @@ class Measures:
             return f"{config.label}: every seed diverged."
         gain, verdict = difference(self.accuracy(config), self.accuracy(BASELINE))
         loss_change, _ = difference(self.final(config, "train_loss"), self.final(BASELINE, "train_loss"))
-        if verdict == "clear":
-            effect = "helps" if gain > 0 else "hurts"
-        elif verdict == "within noise":
-            effect = "makes no measurable difference"
-        else:
-            effect = f"{'raises' if gain > 0 else 'lowers'} accuracy on the single seed run (no spread to judge by)"
         ratio, _ = mean_std(self.time_ratio(config))
-        return (f"{config.label} vs BN: test accuracy {fmt(self.accuracy(config))} vs {fmt(self.accuracy(BASELINE))} "
-                f"({gain:+.3f}, {verdict}), train loss {loss_change:+.3f}, {ratio:.2f}× BN's time per training step "
-                f"— on this problem it {effect}.")
+        text = (f"{config.label} vs BN: test accuracy {fmt(self.accuracy(config))} vs {fmt(self.accuracy(BASELINE))} "
+                f"({gain:+.3f}, {verdict})")
+        precise, baseline_precise = self.accuracy(config, "test_precise"), self.accuracy(BASELINE, "test_precise")
+        if not (precise and baseline_precise):
+            return (f"{text}, train loss {loss_change:+.3f}, {ratio:.2f}× BN's time per training step — on this "
+                    f"problem it {self._effect(gain, verdict)}.")
+        precise_gain, precise_verdict = difference(precise, baseline_precise)
+        return (f"{text}; with precise statistics {fmt(precise)} vs {fmt(baseline_precise)} ({precise_gain:+.3f}, "
+                f"{precise_verdict}); train loss {loss_change:+.3f}, {ratio:.2f}× BN's time per training step — on "
+                f"this problem it {self._effect(gain, verdict)} with the running statistics and "
+                f"{self._effect(precise_gain, precise_verdict)} with precise ones.")
+
+    @staticmethod
+    def _effect(gain: float, verdict: str) -> str:
+        if verdict == "clear":
+            return "helps" if gain > 0 else "hurts"
+        if verdict == "within noise":
+            return "makes no measurable difference"
+        return f"{'raises' if gain > 0 else 'lowers'} accuracy on the single seed run (no spread to judge by)"
 
     def whiteness_findings(self) -> list[str]:
         bn_in, bn_out = self.correlation(BASELINE, "eval", "input"), self.correlation(BASELINE, "eval", "output")
@@ -343,14 +376,17 @@ class Measures:
         for config in (c for c in CONFIGS if c.label in WHITENING and self.ok[c]):
             train_out = self.correlation(config, "train", "output")
             eval_out = self.correlation(config, "eval", "output")
+            precise_out = self.correlation(config, "precise", "output")
             cut, verdict = difference(train_out, bn_out)
             held = mean_std(eval_out)[0] < 0.5 * mean_std(bn_out)[0]
             findings.append(
                 f"{config.label}: output |corr| {fmt(train_out)} in train mode vs BN's {fmt(bn_out)} ({cut:+.3f}, "
                 f"{verdict}); with its running whitening matrices (eval mode) {fmt(eval_out)}, from inputs at "
-                f"{fmt(self.correlation(config, 'eval', 'input'))} — "
-                + ("the whitening carries over to test time (under half of BN's correlation)." if held
-                   else "at test time the outputs are not much whiter than BN's (over half of BN's correlation)."))
+                f"{fmt(self.correlation(config, 'eval', 'input'))}"
+                + (f", and {fmt(precise_out)} with the whitening matrices of the exact covariance" if precise_out else "")
+                + " — " + ("the whitening carries over to test time (under half of BN's correlation)." if held
+                           else "at test time the outputs are not much whiter than BN's (over half of BN's "
+                                "correlation)."))
         return findings
 
     def sparsity_findings(self) -> list[str]:
