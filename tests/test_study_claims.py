@@ -153,6 +153,12 @@ def test_lr_grid_is_square_root_scaled_around_the_current_preset():
     assert FULL_PLAN.at_edge(128, 0.8) and FULL_PLAN.at_edge(128, 0.0125) and not FULL_PLAN.at_edge(128, 0.4)
 
 
+@pytest.mark.parametrize("plan", [FULL_PLAN, QUICK_PLAN], ids=["full", "quick"])
+def test_every_batch_size_divides_the_training_split(plan):
+    """No epoch ends with a partial batch: a step on a few examples at a rate tuned for full batches."""
+    assert all(plan.split["train_examples"] % size == 0 for size in plan.sizes)
+
+
 def test_validation_split_is_disjoint_from_training_and_keeps_the_test_set():
     n = 600
     index = torch.arange(n)
