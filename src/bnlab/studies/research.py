@@ -215,7 +215,7 @@ class Research(Study):
     name = "research"
     question = ("The chapter's research ideas: does normalizing by the probability integral transform, whitening "
                 "with a full-rank covariance (ZCA, IterNorm) or sparsifying BN's scales (L1 on γ) help BN-LeNet?")
-    full_runtime = "about 35 minutes on 2 cores (18 runs of 10 epochs, --jobs 2; PIT is the slowest)"
+    full_runtime = "about 30 minutes on 2 cores (18 runs of 10 epochs, --jobs 2; PIT is the slowest)"
 
     @staticmethod
     def epochs(settings: Settings) -> int:
