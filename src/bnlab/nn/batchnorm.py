@@ -179,6 +179,16 @@ class BatchNormBase(Module):
         )
 
 
+def _merge_pooled(count: int, mean, second, n: int, batch_mean, batch_second, outer):
+    """Chan's merge of pooled (count, mean, second moment about the mean) with a batch's; `outer` turns
+    the difference of the means into the correction of the second moment (delta², or delta deltaᵀ)."""
+    if count == 0:
+        return n, batch_mean, batch_second
+    total = count + n
+    delta = batch_mean - mean
+    return total, mean + delta * (n / total), second + batch_second + outer(delta) * (count * n / total)
+
+
 class PooledMoments:
     """Exact per-channel count, mean and M2 over several batches (Chan's merge, in float64)."""
 
@@ -189,14 +199,27 @@ class PooledMoments:
         n = x.numel() // x.shape[1]
         with torch.no_grad():
             var, mean = torch.var_mean(x.detach().double(), dim=[0, *range(2, x.dim())], correction=0)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = n, mean, var * n
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + var * n + delta * delta * (self.count * n / total)
-        self.count = total
+        self.count, self.mean, self.m2 = _merge_pooled(self.count, self.mean, self.m2, n, mean, var * n,
+                                                       lambda delta: delta * delta)
+
+
+class PooledCovariance:
+    """Exact per-group count, mean and scatter matrix of (N, C, ...) inputs over several batches, for
+    groups of `group_size` consecutive channels (Chan's merge, in float64)."""
+
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
+        self.count, self.mean, self.scatter = 0, None, None
+
+    def add(self, x: Tensor) -> None:
+        with torch.no_grad():
+            columns = F._grouped(x.detach().double(), self.group_size)  # (G, group_size, values)
+            mean = columns.mean(-1)
+            centered = columns - mean[..., None]
+            scatter = centered @ centered.transpose(-1, -2)
+        self.count, self.mean, self.scatter = _merge_pooled(
+            self.count, self.mean, self.scatter, columns.shape[-1], mean, scatter,
+            lambda delta: delta[..., :, None] * delta[..., None, :])
 
 
 @contextmanager

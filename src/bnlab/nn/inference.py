@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, fx, nn
 
-from bnlab.nn.batchnorm import BatchNormBase, PooledMoments
+from bnlab.nn.batchnorm import BatchNormBase, PooledCovariance, PooledMoments
 from bnlab.nn.variants import FrozenBatchNorm
 from bnlab.nn.whitening import _GroupWhitening
 
@@ -144,31 +144,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         _fold_into(folded.get_submodule(layer_name), folded.get_submodule(bn_name))
         _replace(folded, bn_name, nn.Identity())
     return folded
-
-
-class PooledCovariance:
-    """Exact per-group count, mean and scatter matrix of (N, C, ...) inputs over several batches, for
-    groups of `group_size` consecutive channels (Chan's merge, in float64)."""
-
-    def __init__(self, group_size: int) -> None:
-        self.group_size = group_size
-        self.count, self.mean, self.scatter = 0, None, None
-
-    def add(self, x: Tensor) -> None:
-        with torch.no_grad():
-            columns = x.detach().double().transpose(0, 1).reshape(x.shape[1] // self.group_size, self.group_size, -1)
-            n = columns.shape[-1]
-            mean = columns.mean(-1)
-            centered = columns - mean[..., None]
-            scatter = centered @ centered.transpose(-1, -2)
-        if self.mean is None:
-            self.count, self.mean, self.scatter = n, mean, scatter
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.scatter = self.scatter + scatter + delta[..., :, None] * delta[..., None, :] * (self.count * n / total)
-        self.count = total
 
 
 def _population_estimator(m: nn.Module):

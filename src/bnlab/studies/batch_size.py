@@ -235,7 +235,8 @@ class BatchSize(Study):
               fmt(test_accuracies(batch_one_runs, "test_acc")),
               fmt([r["curve"][-1]["train_loss"] for r in batch_one_runs if r["curve"]])]])
 
-        conclusions = self._sweet_spot(sizes, test) + self._extremes(sizes, test, picked)
+        best = self._best(sizes, test)
+        conclusions = self._sweet_spot(sizes, test, best) + self._extremes(sizes, test, picked, best)
         conclusions += self._moving_averages(sizes, test, test_moving)
         conclusions += self._batch_of_one(refusal, batch_one, test, sizes)
         conclusions += self._edges(plan, chosen, by_config)
@@ -276,9 +277,8 @@ class BatchSize(Study):
         ranked = [size for size in sizes if test[size]]
         return max(ranked, key=lambda size: mean_std(test[size])[0]) if ranked else None
 
-    @classmethod
-    def _sweet_spot(cls, sizes, test) -> list[str]:
-        best = cls._best(sizes, test)
+    @staticmethod
+    def _sweet_spot(sizes, test, best) -> list[str]:
         if best is None:
             return ["No batch size trained without divergence at any rate of its grid."]
         ranked = [size for size in sizes if test[size]]
@@ -299,9 +299,8 @@ class BatchSize(Study):
         }[how]
         return [f"{text}. Batch {inside[0]}, the tested size in 50–100, trails it by {gap:.3f} ({how}): {verdict}."]
 
-    @classmethod
-    def _extremes(cls, sizes, test, picked) -> list[str]:
-        best = cls._best(sizes, test)
+    @staticmethod
+    def _extremes(sizes, test, picked, best) -> list[str]:
         if best is None or sum(bool(test[size]) for size in sizes) < 2:
             return []
         lines = []
