@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from bnlab import cli
-from bnlab.data import to_input
-from bnlab.data import FashionMNIST
+from bnlab.data import FashionMNIST, to_input
 from bnlab.models import build_model, norm_layers
 from bnlab.studies.batch_size import FULL_PLAN, QUICK_PLAN, validation_split
 from bnlab.studies import layer_norm
