@@ -102,6 +102,9 @@ SYNC_CASES = [
     SyncCase((1, 1), (3,), torch.float64),  # the smallest legal global batch: two values per channel
     SyncCase((5, 2), (3, 4, 5), torch.float16, param_dtype=torch.float32),  # mixed precision, as under AMP
     SyncCase((6, 0), (3,), torch.float16, param_dtype=torch.float32),
+    # Every shard empty: the group's batch is empty, which batch norm (as torch's) passes through.
+    SyncCase((0, 0), (3, 4, 5), torch.float64),
+    SyncCase((0, 0), (3,), torch.float32, momentum=None),
 ]
 
 
@@ -368,9 +371,16 @@ def test_without_a_process_group_the_layer_is_batch_norm(shape, momentum):
             assert_close(getattr(sync, name), getattr(plain, name), name, **tol)
 
 
-def test_without_a_process_group_an_empty_batch_is_refused_like_batch_norm():
-    with pytest.raises(ValueError, match="empty batch"):
-        bnlab.nn.SyncBatchNorm(3)(torch.zeros(0, 3))
+def test_without_a_process_group_an_empty_batch_is_torchs_empty_batch():
+    sync, reference = bnlab.nn.SyncBatchNorm(3), torch.nn.BatchNorm1d(3)
+    x, x_reference = (torch.zeros(0, 3, requires_grad=True) for _ in range(2))
+    y, y_reference = sync(x), reference(x_reference)
+    y.sum().backward(), y_reference.sum().backward()
+    assert y.shape == y_reference.shape == (0, 3)
+    for name in ("weight", "bias"):
+        assert_close(getattr(sync, name).grad, getattr(reference, name).grad, f"{name} gradient", atol=0, rtol=0)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert_close(getattr(sync, name), getattr(reference, name), name, atol=0, rtol=0)
 
 
 GRAD_SHAPES = [((5, 3), False), ((3, 2, 4), False), ((2, 3, 2, 3), False), ((2, 3, 2, 3), True), ((2, 2, 2, 2, 2), False)]
@@ -435,12 +445,10 @@ def test_bad_input_raises_value_error_saying_what_was_expected(bad, match):
         bnlab.nn.SyncBatchNorm(3)(bad)
 
 
-def test_check_shard_allows_empty_but_still_checks_channels_and_dtype():
-    distributed.check_shard(torch.zeros(0, 3, 4), 3)
-    with pytest.raises(ValueError, match="expected 3 channels"):
-        distributed.check_shard(torch.zeros(0, 4), 3)
-    with pytest.raises(ValueError, match="floating-point"):
-        distributed.check_shard(torch.zeros(0, 3, dtype=torch.int32), 3)
+def test_an_empty_shard_is_still_checked_for_channels_and_dtype():
+    for bad, match in ((torch.zeros(0, 4), "expected 3 channels"), (torch.zeros(0, 3, dtype=torch.int32), "floating-point")):
+        with pytest.raises(ValueError, match=match):
+            bnlab.nn.SyncBatchNorm(3)(bad)
 
 
 # ---- convert_sync_batchnorm --------------------------------------------------------------------------

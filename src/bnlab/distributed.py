@@ -71,7 +71,6 @@ from bnlab.functional import _compute_dtype, _per_channel, _reduce_dims
 __all__ = [
     "SyncBatchNormFunction",
     "sync_batch_norm",
-    "check_shard",
     "group_size",
     "ddp_loss",
     "shard_bounds",
@@ -99,19 +98,6 @@ def group_size(process_group=None) -> int:
             "pass a group it belongs to (every rank calls torch.distributed.new_group for every group)"
         )
     return size
-
-
-def check_shard(
-    input: Tensor, num_features: Optional[int] = None, tensors: Sequence[tuple[str, Optional[Tensor]]] = ()
-) -> None:
-    """`bnlab.functional.check_input`'s checks, except that an empty shard (no samples) is allowed.
-
-    A process whose shard of the global batch is empty still takes part in the statistics.
-    """
-    if isinstance(input, Tensor) and input.dim() >= 2 and input.numel() == 0 and input.shape[1] > 0:
-        # check_input refuses empty batches; check dtype and channels on a one-sample stand-in.
-        input = input.new_zeros((1, input.shape[1]))
-    F.check_input(input, num_features, tensors)
 
 
 def _check_backend(input: Tensor, process_group) -> None:
@@ -164,7 +150,7 @@ def sync_batch_norm(
     """
     if group_size(process_group) == 1:
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
-    check_shard(
+    F.check_input(
         input,
         tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
     )
@@ -219,17 +205,20 @@ class SyncBatchNormFunction(torch.autograd.Function):
         gathered = _all_gather_rows(local, process_group)
         counts, means, m2s = gathered[:, :1], gathered[:, 1 : channels + 1], gathered[:, channels + 1 :]
         total = int(counts.sum().item())
-        if total <= 1:
+        if total == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got {total} over all "
                 f"{gathered.shape[0]} processes (this process's input size {tuple(input.shape)}); use a larger "
                 "global batch, or call .eval() to normalize with the running statistics"
             )
-        mean = (counts * means).sum(0) / total
+        # Every shard empty (total 0, seen by every process alike): torch's empty batch. The output is
+        # empty, the running statistics stay, and mean 0 and var 1 keep the weight gradient 0, not NaN.
+        mean = (counts * means).sum(0) / max(total, 1)
         m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
-        var = m2 / total
-        _update_running(running_mean, mean, momentum)
-        _update_running(running_var, m2 / (total - 1), momentum)
+        var = m2 / total if total else torch.ones_like(m2)
+        if total:
+            _update_running(running_mean, mean, momentum)
+            _update_running(running_var, m2 / (total - 1), momentum)
 
         mean, invstd = mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
         scale = invstd if weight is None else invstd * weight.to(x.dtype)
@@ -256,8 +245,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             totals = _all_reduce_sum(torch.cat([sum_dy, sum_dy_xc]).double(), ctx.process_group)
             total_dy, total_dy_xc = totals.to(x.dtype).split(channels)
             scale = invstd if weight is None else invstd * weight.to(x.dtype)
-            centered = dy - _per_channel(total_dy / ctx.total, x)
-            centered = centered - xc * _per_channel(invstd.square() * total_dy_xc / ctx.total, x)
+            count = max(ctx.total, 1)  # 0 only when every shard is empty, and dy with them
+            centered = dy - _per_channel(total_dy / count, x)
+            centered = centered - xc * _per_channel(invstd.square() * total_dy_xc / count, x)
             grad_input = (centered * _per_channel(scale, x)).to(input.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = (sum_dy_xc * invstd).to(weight.dtype)

@@ -86,14 +86,15 @@ def check_input(
     num_features: Optional[int] = None,
     tensors: Sequence[tuple[str, Optional[Tensor]]] = (),
 ) -> None:
-    """Raise ValueError unless `input` is a non-empty floating (N, C, ...) tensor whose C matches.
+    """Raise ValueError unless `input` is a floating (N, C, ...) tensor whose C matches.
 
     `num_features` is the expected C (a layer's); `tensors` are (name, per-channel tensor) pairs that
-    must each hold C values.
+    must each hold C values. An empty input passes (torch normalizes it to an empty output), and so does
+    torch's 1-D empty batch ``(0,)``, whose C is 0.
     """
     if not isinstance(input, Tensor):
         raise ValueError(f"expected a torch.Tensor input, got {type(input).__name__}")
-    if input.dim() < 2:
+    if input.dim() < 2 and input.numel():
         raise ValueError(
             f"expected an input of shape (N, C, ...) with at least 2 dimensions, got {input.dim()}D input "
             f"of shape {tuple(input.shape)}; add a batch dimension with input.unsqueeze(0)"
@@ -103,12 +104,7 @@ def check_input(
             f"expected a floating-point input (float16, bfloat16, float32 or float64), got {input.dtype}; "
             "convert it first, e.g. input.float()"
         )
-    if input.numel() == 0:
-        raise ValueError(
-            f"got an empty batch of shape {tuple(input.shape)}; batch normalization needs at least one "
-            "value per channel: skip empty batches before the model"
-        )
-    channels = input.shape[1]
+    channels = input.shape[1] if input.dim() > 1 else 0
     if num_features is not None and channels != num_features:
         raise ValueError(
             f"expected {num_features} channels in dim 1 of the input, got {channels} "
@@ -150,7 +146,8 @@ def batch_norm(
     are given they are updated in place with torch's momentum convention,
     ``running = (1 - momentum) * running + momentum * batch``, the variance entering unbiased
     (times n / (n - 1)). See `convert_momentum` for Keras/Flax/MXNet values. In evaluation the
-    running statistics are used.
+    running statistics are used. An empty input (N = 0, or torch's 1-D ``(0,)``) gives an empty
+    output and leaves the running statistics alone, as torch's does (`empty_batch`).
 
     Args:
         input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); float16, bfloat16, float32 or float64,
@@ -193,8 +190,24 @@ def check_mode(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
 def batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
     """`batch_norm` for callers that have run `check_input` already (the layers): each check once."""
+    if input.numel() == 0:
+        return empty_batch(input, weight, bias)
     check_mode(input, running_mean, running_var, training)
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def empty_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """torch's answer to an empty input (N = 0, or an empty spatial dim): nothing to normalize.
+
+    An empty output of the input's shape, dtype and memory format, still in the autograd graph, so the
+    input's gradient is empty and weight's and bias's are zeros (sums over no values); no running
+    statistic moves, and no check on the batch size or the mode applies, as in torch. Empty data
+    parallel shards and detection batches without boxes are ordinary, which is why torch allows this.
+    """
+    y = input.clone()
+    if input.dim() < 2:  # torch's 1-D empty batch (0,): no channel dim, C = 0
+        return per_channel_affine(y.reshape(0, 0), weight, bias).reshape(input.shape)
+    return per_channel_affine(y, weight, bias)
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
@@ -380,8 +393,6 @@ def _check_floating(input: Tensor, what: str) -> None:
             f"{what} expected a floating-point input (float16, bfloat16, float32 or float64), got "
             f"{input.dtype}; convert it first, e.g. input.float()"
         )
-    if input.numel() == 0:
-        raise ValueError(f"{what} got an empty input of shape {tuple(input.shape)}; skip empty batches")
 
 
 # ---- layer, group and instance normalization --------------------------------------------------------
@@ -401,6 +412,7 @@ def layer_norm(
     with the statistics (biased variance) over the last ``len(normalized_shape)`` dims of each leading
     position. Computed as batch normalization of the (1, M, K) view, M the leading positions and K the
     normalized size, then the elementwise affine: the hand-derived backward and the kernels come along.
+    An empty input gives an empty output, as torch's does.
 
     Args:
         input: (*, *normalized_shape), floating.
@@ -426,7 +438,10 @@ def layer_norm(
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have the normalized shape {list(shape)}, got {list(t.shape)}")
     size = torch.Size(shape).numel()
-    y = _standardize(input.reshape(1, input.numel() // size, size), eps).reshape(input.shape)
+    if input.numel() == 0:  # as torch: an empty output, zero gradients for weight and bias
+        y = input.clone()
+    else:
+        y = _standardize(input.reshape(1, input.numel() // size, size), eps).reshape(input.shape)
     if weight is not None:
         y = y * weight.to(y.dtype)
     if bias is not None:
@@ -441,7 +456,8 @@ def group_norm(
 
     The C channels of each sample form `num_groups` groups of C / num_groups consecutive channels; each
     (sample, group) is standardized over its channels and positions, then the per-channel affine
-    applies. Computed as batch normalization of the (1, N * G, rest) view.
+    applies. Computed as batch normalization of the (1, N * G, rest) view. An empty input gives an
+    empty output (`empty_batch`), as torch's does.
 
     Example:
         >>> import torch
@@ -456,6 +472,8 @@ def group_norm(
             f"group_norm needs num_groups to divide the channel count: got num_groups={num_groups!r} for "
             f"{channels} channels (input shape {tuple(input.shape)}); use a divisor of {channels}"
         )
+    if input.numel() == 0:
+        return empty_batch(input, weight, bias)
     view = input.reshape(1, input.shape[0] * num_groups, -1)
     return per_channel_affine(_standardize(view, eps).reshape(input.shape), weight, bias)
 
@@ -476,7 +494,9 @@ def instance_norm(
     view. With `use_input_stats` the running statistics (if given) move towards the average over the
     batch of the per-instance statistics, ``running = (1 - momentum) * running + momentum * mean_n(stat)``,
     the variance unbiased over the positions (torch's rule). Without it the running statistics
-    normalize, which is batch normalization in evaluation.
+    normalize, which is batch normalization in evaluation. An empty input (N = 0 or no positions) gives
+    an empty output and leaves the running statistics alone (`empty_batch`); torch does the same, except
+    that with a weight and N = 0 its kernel fails with an IndexError.
 
     Example:
         >>> import torch
@@ -492,6 +512,8 @@ def instance_norm(
         if running_mean is None or running_var is None:
             raise ValueError("instance_norm needs running_mean and running_var when use_input_stats=False")
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    if input.numel() == 0:
+        return empty_batch(input, weight, bias)
     n, c = input.shape[:2]
     if input.numel() // (n * c) == 1:
         raise ValueError(
@@ -529,7 +551,8 @@ def _check_lite_arguments(input, running_mean, running_var, weight, bias, traini
         input,
         tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
     )
-    check_mode(input, running_mean, running_var, training)
+    if input.numel():  # an empty batch is batch norm's empty batch, in either mode
+        check_mode(input, running_mean, running_var, training)
 
 
 class MeanOnlyBatchNormFunction(torch.autograd.Function):
@@ -645,8 +668,9 @@ def mean_only_batch_norm(
 
     .. math:: y = (x - \mathrm{E}[x]) \cdot \gamma + \beta
 
-    Arguments and running-statistics updates as `batch_norm` (both running statistics are tracked, so
-    the state is batch norm's; evaluation uses running_mean only). Backward: `MeanOnlyBatchNormFunction`.
+    Arguments, running-statistics updates and empty batches as `batch_norm` (both running statistics
+    are tracked, so the state is batch norm's; evaluation uses running_mean only). Backward:
+    `MeanOnlyBatchNormFunction`.
 
     Example:
         >>> import torch
@@ -656,6 +680,8 @@ def mean_only_batch_norm(
         (True, True)
     """
     _check_lite_arguments(input, running_mean, running_var, weight, bias, training)
+    if input.numel() == 0:
+        return empty_batch(input, weight, bias)
     return MeanOnlyBatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum)
 
 
@@ -673,8 +699,8 @@ def variance_only_batch_norm(
 
     .. math:: y = \frac{x}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
 
-    with the batch's centered (biased) variance; arguments and updates as `batch_norm`; evaluation uses
-    running_var only. Backward: `VarianceOnlyBatchNormFunction`.
+    with the batch's centered (biased) variance; arguments, updates and empty batches as `batch_norm`;
+    evaluation uses running_var only. Backward: `VarianceOnlyBatchNormFunction`.
 
     Example:
         >>> import torch
@@ -684,6 +710,8 @@ def variance_only_batch_norm(
         True
     """
     _check_lite_arguments(input, running_mean, running_var, weight, bias, training)
+    if input.numel() == 0:
+        return empty_batch(input, weight, bias)
     return VarianceOnlyBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )
@@ -739,8 +767,8 @@ def batch_renorm(
         )
     if r_max < 1 or d_max < 0:
         raise ValueError(f"batch_renorm needs r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
-    if not training:
-        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    if not training or input.numel() == 0:
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     check_batch_size(input)
     with torch.no_grad():
         x = input.to(_compute_dtype(input.dtype))
@@ -907,6 +935,8 @@ def _whiten(input, running_mean, running_whitening, weight, bias, training, mome
             f"running_whitening must have shape {(groups, group_size, group_size)} (groups, group_size, "
             f"group_size), got {tuple(running_whitening.shape)}"
         )
+    if input.numel() == 0:
+        return empty_batch(input, weight, bias)
     x = input.to(_compute_dtype(input.dtype))
     xg = _grouped(x, group_size)
     if training:
@@ -1138,6 +1168,8 @@ def pit_norm(
             f"running_quantiles must have shape (C, K) with C = {input.shape[1]} channels, got "
             f"{tuple(running_quantiles.shape)}"
         )
+    if input.numel() == 0:
+        return empty_batch(input, weight, bias)
     x = input.to(_compute_dtype(input.dtype))
     rows = _grouped(x, x.shape[1])[0]
     if not training:

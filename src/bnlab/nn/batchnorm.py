@@ -190,12 +190,15 @@ def _merge_pooled(count: int, mean, second, n: int, batch_mean, batch_second, ou
 
 
 class PooledMoments:
-    """Exact per-channel count, mean and M2 over several batches (Chan's merge, in float64)."""
+    """Exact per-channel count, mean and M2 over several batches (Chan's merge, in float64); an empty
+    batch adds nothing, as it moves no running statistic."""
 
     def __init__(self) -> None:
         self.count, self.mean, self.m2 = 0, None, None
 
     def add(self, x: Tensor) -> None:
+        if x.numel() == 0:
+            return
         n = x.numel() // x.shape[1]
         with torch.no_grad():
             var, mean = torch.var_mean(x.detach().double(), dim=[0, *range(2, x.dim())], correction=0)
@@ -212,6 +215,8 @@ class PooledCovariance:
         self.count, self.mean, self.scatter = 0, None, None
 
     def add(self, x: Tensor) -> None:
+        if x.numel() == 0:  # nothing to pool, as for PooledMoments
+            return
         with torch.no_grad():
             columns = F._grouped(x.detach().double(), self.group_size)  # (G, group_size, values)
             mean = columns.mean(-1)

@@ -5,13 +5,14 @@ results). The math is batch normalization of a reshaped view (`bnlab.functional.
 `group_norm`, `instance_norm`), so these layers share batch norm's hand-derived backward and its
 compiled kernels.
 
-Deliberate differences from torch, all in the instance norms:
+The instance norms keep torch's bookkeeping: ``num_batches_tracked`` stays 0 and ``momentum=None``
+counts as 0 (the running statistics then never move). An empty input (N = 0, or no positions) gives an
+empty output and leaves the running statistics alone, as torch's does. Deliberate differences from
+torch, all in the instance norms:
 
-- ``momentum=None`` gives a cumulative average of the per-batch statistics, as it does for batch norm
-  (torch's InstanceNorm silently treats None as 0, so its running statistics never move), and
-  ``num_batches_tracked`` counts the training batches (torch's InstanceNorm leaves it at 0).
 - An input whose channel count differs from num_features is a ValueError even with affine=False and
   track_running_stats=False (torch only warns there, and normalizes anyway).
+- An empty batch with affine=True gives an empty output (torch's kernel fails there with an IndexError).
 - No lazy forms, and no special case for pre-0.4 state dicts holding running statistics.
 """
 
@@ -227,8 +228,13 @@ class _InstanceNorm(BatchNormBase):
     def forward(self, input: Tensor) -> Tensor:
         self.check_rank(input)
         if input.dim() == self.batched_dims - 1:
-            return super().forward(input.unsqueeze(0)).squeeze(0)
-        return super().forward(input)
+            return self.forward(input.unsqueeze(0)).squeeze(0)
+        self.check_input(input)
+        # torch's InstanceNorm: instance statistics unless evaluating with tracked running statistics;
+        # momentum None counts as 0, and num_batches_tracked never counts (so no cumulative average).
+        use_input_stats = self.training or not self.track_running_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
+        return self.normalize(input, self.running_mean, self.running_var, use_input_stats, momentum)
 
     def normalize(self, input, running_mean, running_var, use_batch_stats, momentum):
         return F.instance_norm(
@@ -246,13 +252,13 @@ _INSTANCE_DOC = r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016) 
     evaluation uses the instance statistics too (torch's defaults: affine=False,
     track_running_stats=False).
 
-    Momentum follows torch: ``running = (1 - momentum) * running + momentum * batch``; None gives a
-    cumulative average (torch's InstanceNorm ignores None: see the module docstring).
+    Momentum follows torch: ``running = (1 - momentum) * running + momentum * batch``; None counts as
+    0, and ``num_batches_tracked`` stays 0, as in torch's InstanceNorm.
 
     Args:
         num_features: C.
         eps: added to the variance. Default: 1e-5.
-        momentum: the weight of each batch in the running statistics, or None. Default: 0.1.
+        momentum: the weight of each batch in the running statistics, or None (as 0). Default: 0.1.
         affine: learn per-channel `weight` and `bias`. Default: False.
         track_running_stats: keep running statistics for evaluation. Default: False.
         device, dtype: of the parameters and buffers.

@@ -95,12 +95,6 @@ class SyncBatchNorm(BatchNormBase):
         """Whether a forward pass now merges statistics across processes (training, group of two or more)."""
         return self.training and distributed.group_size(self.process_group) > 1
 
-    def check_input(self, input: Tensor) -> None:
-        if not self.synchronizes():
-            return super().check_input(input)
-        self.check_rank(input)
-        distributed.check_shard(input, self.num_features)
-
     def normalize(
         self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
         use_batch_stats: bool, momentum: float,
