@@ -30,7 +30,10 @@ from torch import Tensor
 
 from bnlab import kernels
 
-__all__ = ["batch_norm", "BatchNormFunction", "convert_momentum", "MOMENTUM_CONVENTIONS", "check_input"]
+__all__ = [
+    "batch_norm", "batch_norm_with_stats", "BatchNormFunction", "convert_momentum", "MOMENTUM_CONVENTIONS",
+    "check_input", "in_graph",
+]
 
 # How each framework spells the momentum of the running statistics. "new": the weight of the batch,
 # running = (1 - m) * running + m * batch (torch, default 0.1). "old": the weight of the running value,
@@ -188,6 +191,49 @@ def check_mode(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         )
 
 
+def batch_norm_with_stats(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    momentum=0.1,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Training-mode batch normalization as a pure function: ``(y, new_running_mean, new_running_var)``.
+
+    The running statistics are returned, not updated in place, as Flax's ``mutable=["batch_stats"]``
+    does: the form torch.func's transforms (grad, vmap) accept, where mutating a buffer is refused. ``y``
+    is `batch_norm`'s training output; the new statistics are torch's momentum update
+    ``(1 - momentum) * running + momentum * batch`` (the variance entering unbiased), detached. Written
+    in plain tensor ops, which torch.func differentiates and vectorizes; `bnlab.nn.functional_call`
+    applies it to every batch norm of a model.
+
+    Args:
+        input: (N, C, ...) floating tensor with two or more values per channel.
+        running_mean, running_var: (C,) current running statistics, left unchanged.
+        weight, bias: (C,) scale and shift, or None.
+        momentum: a float, or a 0-dim tensor (1 / n for the cumulative average).
+        eps: added to the variance.
+
+    Example:
+        >>> import torch
+        >>> from bnlab.functional import batch_norm_with_stats
+        >>> x = torch.randn(32, 3) * 2 + 5
+        >>> mean, var = torch.zeros(3), torch.ones(3)
+        >>> y, new_mean, new_var = batch_norm_with_stats(x, mean, var, momentum=1.0)
+        >>> torch.allclose(new_mean, x.mean(0)), torch.allclose(new_var, x.var(0)), bool((mean == 0).all())
+        (True, True, True)
+    """
+    check_input(
+        input,
+        tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
+    )
+    check_batch_size(input)
+    y, mean, _, var = _forward_torch(input, weight, bias, None, None, True, 0.0, eps)
+    return y, _moved(running_mean, mean, momentum), _moved(running_var, _unbiased(var, input), momentum)
+
+
 def batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
     """`batch_norm` for callers that have run `check_input` already (the layers): each check once."""
     if input.numel() == 0:
@@ -212,6 +258,8 @@ def empty_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor])
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
     """The transform, arguments unchecked: the compiled operator when it applies, else PyTorch ops."""
+    if in_graph(input):
+        return _batch_norm_in_graph(input, running_mean, running_var, weight, bias, training, momentum, eps)
     lib = kernels.library()
     if lib is not None and _compiled_supported(input, weight, bias, running_mean, running_var):
         return lib.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
@@ -220,6 +268,50 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     ):
         return BatchNormFunction.apply(input, weight, bias, (running_mean, running_var, training, momentum, eps))
     # Nothing to differentiate (inference, or under no_grad): skip autograd's bookkeeping.
+    return _forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+
+
+def in_graph(input: Tensor) -> bool:
+    """True while torch builds a graph rather than running eagerly: torch.compile (Dynamo), torch.export,
+    fake or functional tensors, and torch.func transforms (grad, vmap, ...).
+
+    There every call must be traceable: the eager path's C++ autograd node reads data pointers and
+    updates the running statistics behind the graph's back. Checked on every call, so the cheapest test
+    comes first (about half a microsecond in all).
+    """
+    return (
+        type(input) is not Tensor
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
+def _batch_norm_in_graph(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
+    """The transform for a graph, in three forms by where it runs:
+
+    - ONNX export: torch's ``F.batch_norm``, which the exporter writes as ONNX's standard
+      BatchNormalization, so the model runs in any ONNX runtime without bnlab;
+    - compiled kernels that take the input (CPU, float32/float64), outside torch.func: the functional
+      operator ``bnlab::batch_norm_forward`` (fake kernel and autograd registered by `bnlab.kernels`), an
+      opaque node holding the hand-derived kernels and backward; the running statistics are updated
+      from the batch statistics it returns, with tensor ops the graph records;
+    - otherwise (torch.func, GPUs, half precision, BNLAB_KERNELS=torch): the forward in plain tensor
+      ops, which autograd (and, compiled, inductor) differentiates and fuses.
+
+    `momentum` may be a 0-dim tensor (the cumulative average's 1 / num_batches_tracked under compile).
+    """
+    if torch.onnx.is_in_onnx_export():
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
+                                              momentum, eps)
+    if (kernels.available() and not torch._C._are_functorch_transforms_active()
+            and _compiled_supported(input, weight, bias, running_mean, running_var)):
+        if not (input.is_contiguous() or (input.dim() > 2 and input.movedim(1, -1).is_contiguous())):
+            input = input.contiguous()  # the layouts the kernels read in place (the fake kernel assumes it)
+        y, stats = torch.ops.bnlab.batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps)
+        if training:
+            _update_running(running_mean, stats[0], momentum)
+            _update_running(running_var, stats[2], momentum)
+        return y
     return _forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
 
 
@@ -239,10 +331,28 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---- pure-PyTorch path ------------------------------------------------------------------------------
 
 
-def _update_running(running: Optional[Tensor], batch: Tensor, momentum: float) -> None:
+def _moved(running: Tensor, batch: Tensor, momentum) -> Tensor:
+    """The running statistic after one step, ``(1 - momentum) * running + momentum * batch``, as a new
+    tensor; `momentum` a float or a 0-dim tensor (in a graph, the cumulative average's 1 / n, which must
+    not become a Python number). The batch statistic is detached: no gradient flows into the state."""
+    batch = batch.detach().to(running.dtype)
+    if isinstance(momentum, Tensor):
+        return torch.lerp(running, batch, momentum.to(running.dtype))
+    return running.mul(1.0 - momentum).add(batch, alpha=momentum)
+
+
+def _update_running(running: Optional[Tensor], batch: Tensor, momentum) -> None:
+    """`_moved`, in place. Not under no_grad(): in a training graph that becomes a higher-order op that
+    torch.export cannot save and load back; the detached batch statistic is enough."""
     if running is not None:
-        with torch.no_grad():
-            running.mul_(1.0 - momentum).add_(batch.to(running.dtype), alpha=momentum)
+        running.copy_(_moved(running, batch, momentum))
+
+
+def _unbiased(var: Tensor, x: Tensor) -> Tensor:
+    """The biased variance of n values per channel of x made unbiased (times n / (n - 1)), as running
+    variances are kept."""
+    count = x.numel() // x.shape[1]
+    return var * (count / max(count - 1, 1))
 
 
 def _forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps):
@@ -250,9 +360,8 @@ def _forward_torch(input, weight, bias, running_mean, running_var, training, mom
     if training:
         # var_mean reduces with Welford's algorithm: no E[x^2] - E[x]^2 cancellation.
         var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
-        count = x.numel() // x.shape[1]
         _update_running(running_mean, mean, momentum)
-        _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+        _update_running(running_var, _unbiased(var, x), momentum)
     else:
         mean, var = running_mean.to(x.dtype), running_var.to(x.dtype)
     invstd = torch.rsqrt(var + eps)
@@ -260,7 +369,7 @@ def _forward_torch(input, weight, bias, running_mean, running_var, training, mom
     y = (x - _per_channel(mean, x)) * _per_channel(scale, x)
     if bias is not None:
         y = y + _per_channel(bias.to(x.dtype), x)
-    return y.to(input.dtype), mean, invstd
+    return y.to(input.dtype), mean, invstd, var
 
 
 def _in_layout_of(like: Tensor, t: Tensor) -> Tensor:
@@ -325,7 +434,7 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, state):
         running_mean, running_var, training, momentum, eps = state
-        y, mean, invstd = _forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps)
+        y, mean, invstd, _ = _forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training, ctx.eps = training, eps
         return y
@@ -540,9 +649,8 @@ def _channel_moments(x: Tensor, running_mean, running_var, training: bool, momen
     if not training:
         return running_mean.to(x.dtype), running_var.to(x.dtype)
     var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
-    count = x.numel() // x.shape[1]
     _update_running(running_mean, mean, momentum)
-    _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+    _update_running(running_var, _unbiased(var, x), momentum)
     return mean, var
 
 
@@ -553,6 +661,22 @@ def _check_lite_arguments(input, running_mean, running_var, weight, bias, traini
     )
     if input.numel():  # an empty batch is batch norm's empty batch, in either mode
         check_mode(input, running_mean, running_var, training)
+
+
+def _mean_only_forward(input, weight, bias, running_mean, running_var, training, momentum):
+    """(y, mean) of mean-only batch norm in plain tensor ops: the Function's forward, and in a graph the
+    whole computation (autograd, and torch.func's transforms, differentiate it there)."""
+    x = input.to(_compute_dtype(input.dtype))
+    mean, _ = _channel_moments(x, running_mean, running_var, training, momentum)
+    return per_channel_affine(x - _per_channel(mean, x), weight, bias).to(input.dtype), mean
+
+
+def _variance_only_forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    """(y, invstd) of variance-only batch norm in plain tensor ops (see `_mean_only_forward`)."""
+    x = input.to(_compute_dtype(input.dtype))
+    _, var = _channel_moments(x, running_mean, running_var, training, momentum)
+    invstd = torch.rsqrt(var + eps)
+    return per_channel_affine(x * _per_channel(invstd, x), weight, bias).to(input.dtype), invstd
 
 
 class MeanOnlyBatchNormFunction(torch.autograd.Function):
@@ -571,12 +695,10 @@ class MeanOnlyBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum):
-        x = input.to(_compute_dtype(input.dtype))
-        mean, _ = _channel_moments(x, running_mean, running_var, training, momentum)
-        y = per_channel_affine(x - _per_channel(mean, x), weight, bias)
+        y, mean = _mean_only_forward(input, weight, bias, running_mean, running_var, training, momentum)
         ctx.save_for_backward(input, weight, mean)
         ctx.training = training
-        return y.to(input.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -621,13 +743,10 @@ class VarianceOnlyBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
-        x = input.to(_compute_dtype(input.dtype))
-        _, var = _channel_moments(x, running_mean, running_var, training, momentum)
-        invstd = torch.rsqrt(var + eps)
-        y = per_channel_affine(x * _per_channel(invstd, x), weight, bias)
+        y, invstd = _variance_only_forward(input, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.save_for_backward(input, weight, invstd)
         ctx.training, ctx.eps = training, eps
-        return y.to(input.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -682,6 +801,8 @@ def mean_only_batch_norm(
     _check_lite_arguments(input, running_mean, running_var, weight, bias, training)
     if input.numel() == 0:
         return empty_batch(input, weight, bias)
+    if in_graph(input):
+        return _mean_only_forward(input, weight, bias, running_mean, running_var, training, momentum)[0]
     return MeanOnlyBatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum)
 
 
@@ -712,6 +833,8 @@ def variance_only_batch_norm(
     _check_lite_arguments(input, running_mean, running_var, weight, bias, training)
     if input.numel() == 0:
         return empty_batch(input, weight, bias)
+    if in_graph(input):
+        return _variance_only_forward(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
     return VarianceOnlyBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )
@@ -765,7 +888,7 @@ def batch_renorm(
             "batch_renorm needs running_mean and running_var: r and d correct the batch statistics towards "
             "them (use batch_norm for batch statistics alone)"
         )
-    if r_max < 1 or d_max < 0:
+    if not isinstance(r_max, Tensor) and (r_max < 1 or d_max < 0):  # a layer's ramped bounds are valid
         raise ValueError(f"batch_renorm needs r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
     if not training or input.numel() == 0:
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -950,11 +1073,8 @@ def _whiten(input, running_mean, running_whitening, weight, bias, training, mome
         eye = torch.eye(group_size, dtype=x.dtype, device=x.device)
         covariance = centered @ centered.transpose(-1, -2) / xg.shape[-1] + eps * eye
         wm = whitening_matrix(covariance)
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.mul_(1 - momentum).add_(mean.reshape(-1).to(running_mean.dtype), alpha=momentum)
-            if running_whitening is not None:
-                running_whitening.mul_(1 - momentum).add_(wm.to(running_whitening.dtype), alpha=momentum)
+        _update_running(running_mean, mean.reshape(-1), momentum)
+        _update_running(running_whitening, wm, momentum)
     else:
         if running_mean is None or running_whitening is None:
             raise ValueError(f"{name} needs running_mean and running_whitening when training=False")
@@ -1102,11 +1222,25 @@ def _quantile_map(rows: Tensor, knots: Tensor, levels: Tensor, max_gain: Tensor)
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Returns `value`; the gradient flows to `surrogate` unchanged (the value has none of its own)."""
+    """Returns `value`; the gradient flows to `surrogate` unchanged (the value has none of its own).
+
+    In torch.func's form (a separate setup_context, a forward-mode rule and a generated vmap rule), so
+    that grad, jacfwd and vmap go through it as through any torch op.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, surrogate, value):
+    def forward(surrogate, value):
         return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def jvp(ctx, surrogate_tangent, value_tangent):
+        return surrogate_tangent
 
     @staticmethod
     def backward(ctx, grad):
@@ -1188,6 +1322,6 @@ def pit_norm(
         z = torch.empty_like(u).scatter_(1, order, torch.special.ndtri(u))
         if running_quantiles is not None:
             batch_knots = _batch_quantiles(sorted_rows, running_quantiles.shape[1])
-            running_quantiles.mul_(1 - momentum).add_(batch_knots.to(running_quantiles.dtype), alpha=momentum)
+            _update_running(running_quantiles, batch_knots, momentum)
         z = _ungrouped(z, x).to(input.dtype)
     return per_channel_affine(_StraightThrough.apply(surrogate, z), weight, bias)

@@ -110,13 +110,71 @@ def _compile(compiler: str, target: Path) -> None:
 
 
 class KernelLibrary:
-    """The loaded operator library: `batch_norm` is torch.ops.bnlab.batch_norm, with torch's signature."""
+    """The loaded operator library.
+
+    - `batch_norm` (torch.ops.bnlab.batch_norm, with torch's signature): the eager operator, its
+      autograd node in C++ and the running statistics updated in place by the kernel;
+    - `batch_norm_forward` / `batch_norm_backward`: the same kernels as pure functions, for graphs
+      (torch.compile, torch.export), with fake kernels and autograd registered here on load.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         torch.ops.load_library(str(path))
         self.batch_norm = torch.ops.bnlab.batch_norm
+        self.batch_norm_forward = torch.ops.bnlab.batch_norm_forward
+        self.batch_norm_backward = torch.ops.bnlab.batch_norm_backward
         self.max_threads = torch.ops.bnlab.max_threads
+        _register_graph_operators()
+
+
+_graph_operators_registered = False
+
+
+def _register_graph_operators() -> None:
+    """Fake kernels and autograd for the functional operators: what torch.compile and torch.export need
+    to trace them without data (shapes only) and to differentiate them (torch's custom-operator
+    contract, which `torch.library.opcheck` tests). Once per process."""
+    global _graph_operators_registered
+    if _graph_operators_registered:
+        return
+    torch.library.register_fake("bnlab::batch_norm_forward")(_forward_fake)
+    torch.library.register_fake("bnlab::batch_norm_backward")(_backward_fake)
+    torch.library.register_autograd("bnlab::batch_norm_forward", _forward_backward, setup_context=_forward_setup)
+    _graph_operators_registered = True
+
+
+def _forward_fake(input, weight, bias, running_mean, running_var, training, eps):
+    # (y, stats): y in the input's layout (callers pass contiguous or channels-last input, which the
+    # kernels write in place), stats the (3, C) mean, inverse std and unbiased variance.
+    return torch.empty_like(input), input.new_empty((3, input.shape[1]))
+
+
+def _backward_fake(grad, input, weight, stats, training, input_grad):
+    channels = input.shape[1]
+    dx = torch.empty_like(input) if input_grad else input.new_empty((0,))
+    return dx, input.new_empty((channels,)), input.new_empty((channels,))
+
+
+def _forward_setup(ctx, inputs, output):
+    input, weight, _, _, _, training, eps = inputs
+    ctx.save_for_backward(input, weight, output[1])
+    ctx.training, ctx.eps = training, eps
+
+
+def _forward_backward(ctx, grad_y, grad_stats):
+    """Gradients of (input, weight, bias); the statistics only feed the no-grad running update, so
+    their gradient is ignored. With grad mode on (double backward) the formula runs in tensor ops that
+    autograd differentiates again; otherwise the kernels run it."""
+    from bnlab.functional import _backward_torch  # bnlab.functional imports this module
+
+    input, weight, stats = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        grads = _backward_torch(input, grad_y, weight, stats[0], stats[1], ctx.training, ctx.eps, needs)
+    else:
+        grads = torch.ops.bnlab.batch_norm_backward(grad_y, input, weight, stats, ctx.training, needs[0])
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
 @dataclass
@@ -166,6 +224,13 @@ def library() -> Optional[KernelLibrary]:
                     )
             _state.tried = True
     return _state.library
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the compiled kernels are in use: `library() is not None`, as a constant that torch.compile
+    evaluates once while tracing (it cannot trace the loader's lock and build)."""
+    return library() is not None
 
 
 def status() -> dict:

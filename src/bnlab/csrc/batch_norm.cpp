@@ -534,23 +534,31 @@ void check_arguments(const Tensor& input, std::initializer_list<const std::optio
   }
 }
 
-// Forward; `stats` receives a (2, C) tensor: the mean and the inverse standard deviation used.
+// Forward; `stats` receives a (2, C) tensor, (3, C) with `unbiased_in_stats`: the mean and the inverse standard deviation used, and
+// (training, when `unbiased_in_stats`) the batch's unbiased variance. With `unbiased_in_stats` the
+// running statistics are left alone: the kernel's running-variance update with momentum 1 writes the
+// unbiased variance, computed in double from the exact moments, into row 2 instead, so that the
+// functional operator can return it for the caller's own update.
 Tensor forward_op(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                   const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                  bool training, double momentum, double eps, Tensor& stats) {
+                  bool training, double momentum, double eps, Tensor& stats, bool unbiased_in_stats = false) {
   check_arguments(input, {&weight, &bias, &running_mean, &running_var});
   TORCH_CHECK(training || (running_mean && running_mean->defined() && running_var && running_var->defined()),
               "bnlab::batch_norm needs running statistics in evaluation");
   const KernelView v = kernel_view(input);
   Tensor y = at::empty_like(v.x);
-  stats = at::empty({2, v.c}, v.x.options());
+  stats = at::empty({unbiased_in_stats ? 3 : 2, v.c}, v.x.options());
+  const bool update = training && !unbiased_in_stats;
   AT_DISPATCH_FLOATING_TYPES(v.x.scalar_type(), "bnlab::batch_norm", [&] {
     scalar_t* mean = stats.data_ptr<scalar_t>();
+    // Row 2 is read by the update with momentum 1 too: (1 - 1) * garbage could be NaN.
+    if (unbiased_in_stats) std::fill(mean + 2 * v.c, mean + 3 * v.c, scalar_t(0));
     if (training) {
       forward_train<scalar_t>(v.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), v.n, v.c, v.s,
                               data_or_null<scalar_t>(weight), data_or_null<scalar_t>(bias), mean, mean + v.c,
-                              data_or_null<scalar_t>(running_mean), data_or_null<scalar_t>(running_var),
-                              momentum, eps);
+                              update ? data_or_null<scalar_t>(running_mean) : nullptr,
+                              update ? data_or_null<scalar_t>(running_var) : mean + 2 * v.c,
+                              update ? momentum : 1.0, eps);
     } else {
       forward_eval<scalar_t>(v.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), v.n, v.c, v.s,
                              data_or_null<scalar_t>(weight), data_or_null<scalar_t>(bias),
@@ -558,7 +566,7 @@ Tensor forward_op(const Tensor& input, const std::optional<Tensor>& weight, cons
                              mean + v.c, eps);
     }
   });
-  if (training) {  // written through pointers: tell autograd, as an in-place op would
+  if (update) {  // written through pointers: tell autograd, as an in-place op would
     for (const auto* t : {&running_mean, &running_var}) {
       if (*t && (*t)->defined()) torch::autograd::impl::bump_version(**t);
     }
@@ -655,14 +663,51 @@ Tensor batch_norm(const Tensor& input, const std::optional<Tensor>& weight, cons
   return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training, momentum, eps);
 }
 
+// ---- the functional operators, for graphs (torch.compile, torch.export) -------------------------------
+// Pure functions of their inputs, no autograd inside: bnlab/kernels.py registers their fake kernels
+// (shapes without data) and their autograd formula (forward then batch_norm_backward), as torch's
+// custom-operator contract asks. The running statistics are not touched: forward returns the batch's
+// mean and unbiased variance in `stats`, and the caller updates them with tensor ops the graph sees.
+
+std::tuple<Tensor, Tensor> batch_norm_forward(const Tensor& input, const std::optional<Tensor>& weight,
+                                              const std::optional<Tensor>& bias,
+                                              const std::optional<Tensor>& running_mean,
+                                              const std::optional<Tensor>& running_var, bool training,
+                                              double eps) {
+  Tensor stats;
+  Tensor y = forward_op(input, weight, bias, running_mean, running_var, training, 1.0, eps, stats,
+                        /*unbiased_in_stats=*/true);
+  return {y, stats};
+}
+
+// (dx, dweight, dbias); dx is an empty tensor when `input_grad` is false. dweight and dbias are always
+// computed: in training their sums are needed for dx anyway, and they cost one pass otherwise.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad, const Tensor& input,
+                                                       const std::optional<Tensor>& weight, const Tensor& stats,
+                                                       bool training, bool input_grad) {
+  const variable_list g =
+      backward_op(input, grad, weight.value_or(Tensor()), stats, training, {input_grad, true, true});
+  return {input_grad ? g[0] : at::empty({0}, input.options()), g[1], g[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnlab, m) {
   m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, bool training, float momentum, float eps) -> Tensor");
+  m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+        "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor)");
+  m.def("batch_norm_backward(Tensor grad, Tensor input, Tensor? weight, Tensor stats, bool training, "
+        "bool input_grad) -> (Tensor, Tensor, Tensor)");
   m.def("max_threads() -> int", [] { return static_cast<int64_t>(omp_get_max_threads()); });
 }
 
-// CompositeImplicitAutograd: the kernel runs for every call, and the autograd function inside it
-// records its own node, so autograd never looks into the kernels.
+// bnlab::batch_norm is CompositeImplicitAutograd: the kernel runs for every call, and the autograd
+// function inside it records its own node, so autograd never looks into the kernels. It is the eager
+// path, where a C++ autograd node costs microseconds less than anything registered from Python.
 TORCH_LIBRARY_IMPL(bnlab, CompositeImplicitAutograd, m) { m.impl("batch_norm", batch_norm); }
+
+TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
+  m.impl("batch_norm_forward", batch_norm_forward);
+  m.impl("batch_norm_backward", batch_norm_backward);
+}

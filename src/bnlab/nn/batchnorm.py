@@ -147,7 +147,7 @@ class BatchNormBase(Module):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+                factor = cumulative_factor(self.num_batches_tracked, input)
         # Without running statistics the batch's are used in eval mode too, as torch does.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         update = not self.training or self.track_running_stats
@@ -177,6 +177,13 @@ class BatchNormBase(Module):
         return F.batch_norm_checked(  # forward() ran check_input
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps
         )
+
+
+def cumulative_factor(num_batches_tracked: Tensor, input: Tensor):
+    """The momentum of the cumulative average after num_batches_tracked batches, 1 / n: a Python float
+    eagerly (what the kernels take), a 0-dim tensor in a graph, where a Python number would be read
+    back from the tensor and make a data-dependent graph (torch's own layer fails fullgraph there)."""
+    return 1.0 / num_batches_tracked if F.in_graph(input) else 1.0 / float(num_batches_tracked)
 
 
 def _merge_pooled(count: int, mean, second, n: int, batch_mean, batch_second, outer):

@@ -386,7 +386,8 @@ class _BatchRenorm(_RankFamily, BatchNormBase):
         """(r_max, d_max) in force at a training step (1 for the first batch; default: the batch being
         trained on, num_batches_tracked): 1 and 0 up to warmup_steps, then linear ramps reaching r_max at
         r_max_steps and d_max at d_max_steps."""
-        step = int(self.num_batches_tracked) if step is None else step
+        if step is None:  # in a graph the step stays a tensor: reading it back would break the graph
+            step = self.num_batches_tracked if F.in_graph(self.num_batches_tracked) else int(self.num_batches_tracked)
         return (
             1.0 + (self.r_max - 1.0) * _ramp(step, self.warmup_steps, self.r_max_steps),
             self.d_max * _ramp(step, self.warmup_steps, self.d_max_steps),
@@ -406,8 +407,12 @@ class _BatchRenorm(_RankFamily, BatchNormBase):
         )
 
 
-def _ramp(step: int, start: int, end: int) -> float:
-    """0 up to `start`, 1 from `end`, linear between."""
+def _ramp(step, start: int, end: int):
+    """0 up to `start`, 1 from `end`, linear between; `step` an int, or a 0-dim tensor in a graph."""
+    if isinstance(step, torch.Tensor):
+        if end == start:
+            return (step > start).float()
+        return ((step - start) / (end - start)).clamp(0.0, 1.0)
     if step <= start:
         return 0.0
     return 1.0 if step >= end else (step - start) / (end - start)
