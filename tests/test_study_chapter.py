@@ -1,7 +1,6 @@
 """The quick versions of `compare` and `lr-sweep`, and the study framework's cache and listing."""
 
 import json
-import time
 
 import pytest
 
@@ -69,11 +68,10 @@ def test_compare_quick_report(compare_run):
     assert f"final test accuracies differ by at most {paired:.4f}" in report
 
 
-def test_a_rerun_is_served_from_the_cache(compare_run, capsys):
+def test_a_rerun_is_served_from_the_cache(compare_run, capsys, forbid_computing_runs):
+    forbid_computing_runs()
     before = {p.name: p.read_bytes() for p in (compare_run / "cache").iterdir()}
-    start = time.perf_counter()
     assert main(["study", "compare", "--quick", "--jobs", "2", "--out", str(compare_run), "--no-download"]) == 0
-    assert time.perf_counter() - start < 20
     assert "12 runs: 12 cached, 0 to do" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in (compare_run / "cache").iterdir()} == before
 

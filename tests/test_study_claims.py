@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -216,14 +215,12 @@ def test_batch_statistics_evaluation_uses_batch_statistics_and_restores_the_netw
     assert abs(loss - eval_loss) > 1e-3
 
 
-def test_a_second_invocation_is_served_from_the_cache(quick_study):
+def test_a_second_invocation_is_served_from_the_cache(quick_study, forbid_computing_runs):
     out = quick_study("population-stats")
-    start = time.perf_counter()
+    forbid_computing_runs()
     assert cli.main(["study", "population-stats", "--quick", "--jobs", "2", "--out", str(out)]) == 0
-    seconds = time.perf_counter() - start
     assert "- runs: 3 (3 from the cache)" in report_of(out)
     assert "0 s computed now" in section(report_of(out), "Runtime")
-    assert seconds < 15
 
 
 # ---- depth -------------------------------------------------------------------------------------------

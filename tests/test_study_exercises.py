@@ -11,7 +11,6 @@ import json
 import math
 import re
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -34,15 +33,14 @@ PRESETS = ("current", "classic")
 
 @pytest.fixture(scope="session")
 def quick_study(tmp_path_factory):
-    """quick_study(name) -> (output folder, seconds): the study's --quick run, done on first request."""
-    done: dict[str, tuple[Path, float]] = {}
+    """quick_study(name) -> output folder: the study's --quick run, done on first request."""
+    done: dict[str, Path] = {}
 
-    def run(name: str) -> tuple[Path, float]:
+    def run(name: str) -> Path:
         if name not in done:
             out = tmp_path_factory.mktemp(name)
-            start = time.perf_counter()
             assert cli.main(["study", name, "--quick", "--jobs", "2", "--out", str(out)]) == 0
-            done[name] = (out, time.perf_counter() - start)
+            done[name] = out
         return done[name]
 
     return run
@@ -87,7 +85,7 @@ def preset_of(params: dict) -> str:
 
 @pytest.mark.parametrize("name", list(CONFIGURATIONS))
 def test_report_has_every_section_configuration_and_plot(quick_study, name):
-    out, seconds = quick_study(name)
+    out = quick_study(name)
     report = report_of(out)
     for heading in ("Findings", "What was run", "Plots", "Runtime"):
         section(report, heading)
@@ -104,26 +102,23 @@ def test_report_has_every_section_configuration_and_plot(quick_study, name):
         assert content.startswith(PNG_SIGNATURE) and content[12:16] == b"IHDR", f"{file_name} is not a PNG"
         width, height = struct.unpack(">II", content[16:24])
         assert width > 300 and height > 200, f"{file_name} is only {width}x{height}"
-    assert seconds < 240, f"--quick took {seconds:.0f} s; it should take about a minute"
 
 
-def test_second_invocation_is_served_from_the_cache(quick_study, capsys):
-    out, first_seconds = quick_study("fixed-affine")
+def test_second_invocation_is_served_from_the_cache(quick_study, capsys, forbid_computing_runs):
+    out = quick_study("fixed-affine")
+    forbid_computing_runs()
     runs = len(cached_runs(out))
     capsys.readouterr()
-    start = time.perf_counter()
     assert cli.main(["study", "fixed-affine", "--quick", "--jobs", "2", "--out", str(out)]) == 0
-    seconds = time.perf_counter() - start
     assert f"{runs} runs: {runs} cached, 0 to do" in capsys.readouterr().out
     assert f"runs: {runs} ({runs} from the cache)" in report_of(out)
-    assert seconds < min(15.0, first_seconds / 2), f"the cached rerun took {seconds:.1f} s"
 
 
 # ---- placement --------------------------------------------------------------------------------------
 
 
 def test_placement_findings_quote_the_measured_shares(quick_study):
-    out, _ = quick_study("placement")
+    out = quick_study("placement")
     accuracy = {(preset_of(e["params"]), e["params"]["model_options"].get("placement", "none")): final_test_acc(e)
                 for e in cached_runs(out)}
     text = findings(out)
@@ -143,7 +138,7 @@ def test_placement_findings_quote_the_measured_shares(quick_study):
 
 
 def test_bias_before_bn_gets_no_gradient_and_beta_absorbs_it(quick_study):
-    out, _ = quick_study("bias")
+    out = quick_study("bias")
     kept = [e["result"] for e in cached_runs(out) if e["kind"] == "bias-gradients"]
     assert len(kept) == len(PRESETS)
     for result in kept:
@@ -163,7 +158,7 @@ def test_bias_before_bn_gets_no_gradient_and_beta_absorbs_it(quick_study):
 
 
 def test_bias_removal_leaves_accuracy_unchanged_seed_by_seed(quick_study):
-    out, _ = quick_study("bias")
+    out = quick_study("bias")
     accuracy = {(preset_of(e["params"]), e["kind"]): final_test_acc(e) for e in cached_runs(out)}
     for preset in PRESETS:
         assert abs(accuracy[(preset, "bias-gradients")] - accuracy[(preset, "train")]) < 0.01
@@ -173,7 +168,7 @@ def test_bias_removal_leaves_accuracy_unchanged_seed_by_seed(quick_study):
 
 
 def test_lite_findings_quote_each_half(quick_study):
-    out, _ = quick_study("lite")
+    out = quick_study("lite")
     entries = cached_runs(out)
     accuracy = {(preset_of(e["params"]), e["params"]["model_options"]["norm"]): final_test_acc(e)
                 for e in entries if e["kind"] == "train"}
@@ -189,7 +184,7 @@ def test_lite_findings_quote_each_half(quick_study):
 
 
 def test_lite_probe_finds_centered_sigmoid_inputs_exactly_where_the_mean_is_subtracted(quick_study):
-    out, _ = quick_study("lite")
+    out = quick_study("lite")
     probes = {e["params"]["model_options"]["norm"]: e["result"] for e in cached_runs(out)
               if e["kind"] == "sigmoid-inputs"}
     for norm in ("batchnorm", "mean-only"):  # gamma 1, beta 0 at initialization: exactly centered
@@ -202,7 +197,7 @@ def test_lite_probe_finds_centered_sigmoid_inputs_exactly_where_the_mean_is_subt
 
 
 def test_fixed_affine_keeps_gamma_and_beta_and_reports_how_far_learned_ones_move(quick_study):
-    out, _ = quick_study("fixed-affine")
+    out = quick_study("fixed-affine")
     entries = cached_runs(out)
     fixed = [e["result"]["affine"] for e in entries if e["params"]["model_options"] == {"learn_affine": False}]
     learned = [e for e in entries if e["params"]["model_options"] == {}]
@@ -223,7 +218,7 @@ def test_fixed_affine_keeps_gamma_and_beta_and_reports_how_far_learned_ones_move
 
 
 def test_dropout_gap_is_eval_mode_train_accuracy_minus_test_accuracy(quick_study):
-    out, _ = quick_study("dropout")
+    out = quick_study("dropout")
     rows = {(row[0], row[1]): row for row in table_rows(report_of(out))}
     for entry in cached_runs(out):
         options, result = entry["params"]["model_options"], entry["result"]

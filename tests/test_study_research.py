@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,9 @@ from bnlab.studies.custom_runs import Hooks, LoopSpec, train_with_hooks
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_quick(name: str, out: Path) -> tuple[str, float]:
-    start = time.perf_counter()
+def run_quick(name: str, out: Path) -> str:
     assert cli.main(["study", name, "--quick", "--jobs", "2", "--out", str(out)]) == 0
-    return (out / "report.md").read_text(), time.perf_counter() - start
+    return (out / "report.md").read_text()
 
 
 def cached_results(out: Path) -> list[dict]:
@@ -50,15 +48,13 @@ def check_common_structure(report: str, out: Path) -> None:
 @pytest.fixture(scope="module")
 def research_quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("research")
-    report, seconds = run_quick("research", out)
-    return out, report, seconds
+    return out, run_quick("research", out)
 
 
 @pytest.fixture(scope="module")
 def smoothness_quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoothness")
-    report, seconds = run_quick("smoothness", out)
-    return out, report, seconds
+    return out, run_quick("smoothness", out)
 
 
 # ---- research -----------------------------------------------------------------------------------------
@@ -75,7 +71,7 @@ def research_by_label(out: Path) -> dict[str, dict]:
 
 
 def test_research_report_has_every_configuration_and_plot(research_quick):
-    out, report, _ = research_quick
+    out, report = research_quick
     check_common_structure(report, out)
     for heading in ("Accuracy and cost", "Whiteness and sparsity", "Whiteness per layer"):
         body = section(report, heading)
@@ -86,7 +82,7 @@ def test_research_report_has_every_configuration_and_plot(research_quick):
 
 
 def test_research_findings_quote_the_measured_numbers(research_quick):
-    out, report, _ = research_quick
+    out, report = research_quick
     results = research_by_label(out)
     findings = section(report, "Findings")
     for config in research.CONFIGS[1:]:
@@ -102,7 +98,7 @@ def test_research_findings_quote_the_measured_numbers(research_quick):
 
 
 def test_research_whitening_facts(research_quick):
-    out, _, _ = research_quick
+    out, _ = research_quick
     results = research_by_label(out)
     assert {label: sorted(r["whiteness"]) for label, r in results.items()} == {
         label: ["eval", "train"] if label == "PIT" else ["eval", "precise", "train"] for label in results}
@@ -120,7 +116,7 @@ def test_research_whitening_facts(research_quick):
 
 
 def test_research_sparsification_facts(research_quick):
-    out, _, _ = research_quick
+    out, report = research_quick
     results = research_by_label(out)
     mean_gamma = {label: sum(r["sparsity"]["abs_gamma"]) / len(r["sparsity"]["abs_gamma"])
                   for label, r in results.items()}
@@ -131,15 +127,19 @@ def test_research_sparsification_facts(research_quick):
         if prunable == 0:  # nothing pruned: the pruned network is the network
             assert r["sparsity"]["accuracy"]["test"] == r["accuracy"]["test"], label
         assert (r["accuracy"]["test_precise"] is None) == (label == "PIT"), label
-    ratios = {label: r["step_seconds"]["this"] / r["step_seconds"]["BN"] for label, r in results.items()}
-    assert ratios["PIT"] > 1.2 and ratios["ZCA"] > 1.2  # both cost more per step than BN
+    # The step-time ratio is a measurement on a shared machine: reported, never asserted.
+    table = section(report, "Accuracy and cost")
+    for label, r in results.items():
+        ratio = r["step_seconds"]["this"] / r["step_seconds"]["BN"]
+        assert r["step_seconds"]["this"] > 0 and r["step_seconds"]["BN"] > 0, label
+        assert any(row.startswith(f"| {label} |") and row.endswith(f"| {ratio:.2f}× |") for row in table.splitlines())
 
 
-def test_research_second_invocation_is_served_from_the_cache(research_quick):
-    out, first, first_seconds = research_quick
-    report, seconds = run_quick("research", out)
+def test_research_second_invocation_is_served_from_the_cache(research_quick, forbid_computing_runs):
+    out, first = research_quick
+    forbid_computing_runs()
+    report = run_quick("research", out)
     assert f"- runs: {len(research.CONFIGS)} ({len(research.CONFIGS)} from the cache)" in report
-    assert seconds < min(20.0, first_seconds / 2)
     assert section(report, "Findings") == section(first, "Findings")
 
 
@@ -147,7 +147,7 @@ def test_research_second_invocation_is_served_from_the_cache(research_quick):
 
 
 def test_smoothness_report_has_every_model_and_plot(smoothness_quick):
-    out, report, _ = smoothness_quick
+    out, report = smoothness_quick
     check_common_structure(report, out)
     for heading in ("Learning phase", "All probes"):
         body = section(report, heading)
@@ -166,7 +166,7 @@ def smoothness_by_model(out: Path) -> dict[tuple[str, float], dict]:
 
 
 def test_smoothness_probes_are_complete_and_consistent(smoothness_quick):
-    out, _, _ = smoothness_quick
+    out, _ = smoothness_quick
     for (label, lr), result in smoothness_by_model(out).items():
         probes = result["probes"]
         assert [p["step"] for p in probes] == list(range(0, probes[-1]["step"] + 1, smoothness.QUICK_PROBE_EVERY))
@@ -181,7 +181,7 @@ def test_smoothness_probes_are_complete_and_consistent(smoothness_quick):
 
 
 def test_smoothness_noise_moves_the_layer_inputs(smoothness_quick):
-    out, _, _ = smoothness_quick
+    out, _ = smoothness_quick
     results = smoothness_by_model(out)
     for lr in smoothness.QUICK_RATES:
         noisy, clean = results[("BN + noise", lr)], results[("BN", lr)]
@@ -190,7 +190,7 @@ def test_smoothness_noise_moves_the_layer_inputs(smoothness_quick):
 
 
 def test_smoothness_findings_quote_the_measured_numbers(smoothness_quick):
-    out, report, _ = smoothness_quick
+    out, report = smoothness_quick
     results = smoothness_by_model(out)
     findings = section(report, "Findings")
     lr = max(smoothness.QUICK_RATES)
