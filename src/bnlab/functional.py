@@ -494,6 +494,12 @@ def _standardize(view: Tensor, eps: float) -> Tensor:
     return _batch_norm(view, None, None, None, None, True, 0.0, eps)
 
 
+def _upcast(input: Tensor) -> Tensor:
+    """The input in its compute dtype (float32 for half precision): the layers that standardize a view
+    and scale after round once, at the end, as torch's do, not after each step."""
+    return input.to(_compute_dtype(input.dtype))
+
+
 def _check_floating(input: Tensor, what: str) -> None:
     if not isinstance(input, Tensor):
         raise ValueError(f"{what} expected a torch.Tensor input, got {type(input).__name__}")
@@ -547,15 +553,16 @@ def layer_norm(
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have the normalized shape {list(shape)}, got {list(t.shape)}")
     size = torch.Size(shape).numel()
+    x = _upcast(input)
     if input.numel() == 0:  # as torch: an empty output, zero gradients for weight and bias
-        y = input.clone()
+        y = x.clone()
     else:
-        y = _standardize(input.reshape(1, input.numel() // size, size), eps).reshape(input.shape)
+        y = _standardize(x.reshape(1, input.numel() // size, size), eps).reshape(input.shape)
     if weight is not None:
         y = y * weight.to(y.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y
+    return y.to(input.dtype)
 
 
 def group_norm(
@@ -583,8 +590,8 @@ def group_norm(
         )
     if input.numel() == 0:
         return empty_batch(input, weight, bias)
-    view = input.reshape(1, input.shape[0] * num_groups, -1)
-    return per_channel_affine(_standardize(view, eps).reshape(input.shape), weight, bias)
+    view = _upcast(input).reshape(1, input.shape[0] * num_groups, -1)
+    return per_channel_affine(_standardize(view, eps).reshape(input.shape), weight, bias).to(input.dtype)
 
 
 def instance_norm(
@@ -630,14 +637,14 @@ def instance_norm(
             "instance normalization standardizes each sample's channel over its positions"
         )
     # One copy of the running statistics per sample, updated by the kernel, then averaged back: the
-    # average over the batch of the per-instance updates.
-    replicas = [None if t is None else t.detach().repeat(n) for t in (running_mean, running_var)]
-    y = _batch_norm(input.reshape(1, n * c, -1), *replicas, None, None, True, momentum, eps)
+    # average over the batch of the per-instance updates (in float32 for half precision: one rounding).
+    replicas = [None if t is None else _upcast(t.detach()).repeat(n) for t in (running_mean, running_var)]
+    y = _batch_norm(_upcast(input).reshape(1, n * c, -1), *replicas, None, None, True, momentum, eps)
     with torch.no_grad():
         for running, replica in zip((running_mean, running_var), replicas):
             if running is not None:
                 running.copy_(replica.view(n, c).mean(0))
-    return per_channel_affine(y.reshape(input.shape), weight, bias)
+    return per_channel_affine(y.reshape(input.shape), weight, bias).to(input.dtype)
 
 
 # ---- the "lite" batch norms: centering only, scaling only ---------------------------------------------

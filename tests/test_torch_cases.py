@@ -1,0 +1,321 @@
+"""torch's own test cases as the parity oracle (issue 14).
+
+torch ships the cases it holds its own layers to in torch/testing/_internal: `common_modules.module_db`
+(constructor and forward inputs per layer, for training and evaluation) and
+`common_methods_invocations.op_db` (sample inputs per function). Every entry whose layer or function
+bnlab also has -- the same name in ``bnlab.nn.__all__`` or ``bnlab.functional.__all__`` -- is selected
+by name, so the cases a future torch adds run here without an edit. Each case runs torch's and bnlab's
+on copies of the same inputs, for training and evaluation and in every dtype torch lists for CPU
+(bfloat16 and float16 included where it does), and compares the outputs, the input and parameter
+gradients, the buffers and the running statistics updated in place, with torch's tolerances for the
+dtype (`torch.testing.assert_close`'s defaults).
+
+Layers bnlab has and torch lacks are held to torch's BatchNorm cases, of the ranks they accept, against
+the NumPy oracle (`bnlab.reference`): see the last section.
+
+The helpers need `expecttest` (in the test extra, which scripts/setup.sh installs); without it
+`test_torch_case_databases_load` fails saying how to install it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pytest
+import torch
+
+import bnlab.functional
+import bnlab.nn
+from bnlab import reference
+from cases import assert_close, seed_of
+
+try:
+    from torch.testing._internal.common_methods_invocations import op_db
+    from torch.testing._internal.common_modules import module_db
+    _IMPORT_ERROR: Optional[Exception] = None
+except ImportError as exc:  # reported by test_torch_case_databases_load, not skipped
+    module_db, op_db, _IMPORT_ERROR = [], [], exc
+
+DEVICE = "cpu"
+STEPS = 2  # two steps per module case: momentum=None's average and num_batches_tracked move twice
+
+# The layers and functions torch's databases cover today; the selection must find at least these.
+EXPECTED_MODULES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
+                    "InstanceNorm2d", "InstanceNorm3d"}
+EXPECTED_FUNCTIONS = {"batch_norm", "layer_norm", "group_norm", "instance_norm"}
+
+# torch's cases that bnlab deliberately does not follow, by test id, each with the reason. Every entry
+# runs as a strict xfail: one that starts passing fails the suite and must be removed, so the list
+# cannot rot. Empty: bnlab follows every case torch ships for these layers and functions.
+KNOWN_DIFFERENCES: dict[str, str] = {}
+
+
+# ---- selecting torch's cases ----------------------------------------------------------------------------
+
+
+def _peer(namespace, name: str):
+    """bnlab's namesake of a torch layer or function, or None."""
+    return getattr(namespace, name) if name in namespace.__all__ else None
+
+
+MODULE_INFOS = [mi for mi in module_db if _peer(bnlab.nn, mi.module_cls.__name__) is not None]
+OP_INFOS = [
+    op for op in op_db
+    if op.name.startswith("nn.functional.") and _peer(bnlab.functional, op.name.rsplit(".", 1)[1]) is not None
+]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _seeded(key: str, make: Callable[[], Any]) -> Any:
+    """`make()` under a seed of its own: torch's input functions draw from the global generator."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed_of(key))
+        return make()
+
+
+@dataclass(frozen=True)
+class ModuleCase:
+    info: Any  # a ModuleInfo
+    training: bool
+    dtype: torch.dtype
+    index: int  # which of the ModuleInfo's inputs
+    desc: str
+
+    @property
+    def id(self) -> str:
+        mode = "train" if self.training else "eval"
+        return f"{self.info.name}-{self.index}-{self.desc or 'default'}-{mode}-{_dtype_name(self.dtype)}"
+
+    def module_input(self):
+        key = f"{self.info.name}-{self.training}-{self.dtype}"
+        inputs = _seeded(key, lambda: self.info.module_inputs_func(
+            self.info, device=DEVICE, dtype=self.dtype, requires_grad=True, training=self.training))
+        return inputs[self.index]
+
+
+def _module_cases(infos) -> list[ModuleCase]:
+    cases = []
+    for info in infos:
+        for training in (True, False):
+            for dtype in info.supported_dtypes(DEVICE):
+                key = f"{info.name}-{training}-{dtype}"
+                inputs = _seeded(key, lambda: info.module_inputs_func(
+                    info, device=DEVICE, dtype=dtype, requires_grad=True, training=training))
+                cases += [ModuleCase(info, training, dtype, i, m.desc) for i, m in enumerate(inputs)]
+    return cases
+
+
+@dataclass(frozen=True)
+class OpCase:
+    info: Any  # an OpInfo
+    dtype: torch.dtype
+    index: int  # which of the OpInfo's samples
+    shape: tuple[int, ...]
+
+    @property
+    def id(self) -> str:
+        name = self.info.name + (f".{self.info.variant_test_name}" if self.info.variant_test_name else "")
+        return f"{name}-{self.index}-{'x'.join(map(str, self.shape)) or 'scalar'}-{_dtype_name(self.dtype)}"
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.info.supports_autograd and self.dtype in self.info.supported_backward_dtypes(DEVICE)
+
+    def samples(self) -> list:
+        key = f"{self.info.name}-{self.info.variant_test_name}-{self.dtype}"
+        return _seeded(key, lambda: list(self.info.sample_inputs(DEVICE, self.dtype, requires_grad=self.requires_grad)))
+
+    def sample(self):
+        return self.samples()[self.index]
+
+
+def _op_cases(infos) -> list[OpCase]:
+    cases = []
+    for info in infos:
+        for dtype in info.supported_dtypes(DEVICE):
+            proto = OpCase(info, dtype, 0, ())
+            cases += [OpCase(info, dtype, i, tuple(s.input.shape)) for i, s in enumerate(proto.samples())]
+    return cases
+
+
+MODULE_CASES = _module_cases(MODULE_INFOS)
+OP_CASES = _op_cases(OP_INFOS)
+
+
+def _params(cases) -> list:
+    """pytest params with ids; a case on KNOWN_DIFFERENCES becomes a strict xfail."""
+    params = []
+    for case in cases:
+        reason = KNOWN_DIFFERENCES.get(case.id)
+        marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    return params
+
+
+# ---- running and comparing -------------------------------------------------------------------------------
+
+# torch.testing.assert_close's default (rtol, atol) per dtype: the tolerances torch's own tests use.
+TORCH_TOLERANCES = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
+                    torch.float64: (1e-7, 1e-7)}
+
+
+def _copy(value, dtype: Optional[torch.dtype] = None):
+    """A fresh copy of a (nested) argument: tensors detached and cloned (floating ones converted to
+    `dtype` if given), requires_grad kept."""
+    if isinstance(value, torch.Tensor):
+        copy = value.detach().clone()
+        if dtype is not None and copy.is_floating_point():
+            copy = copy.to(dtype)
+        return copy.requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _copy(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """Every tensor in a (nested) argument, in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _tensors(value[k])]
+    return []
+
+
+def _backward(y: torch.Tensor, key: str, dtype: torch.dtype) -> None:
+    """Backpropagate a fixed random output gradient, rounded to the case's `dtype` (so that the float64
+    truth sees the very values bnlab and torch see)."""
+    if y.requires_grad:
+        gen = torch.Generator().manual_seed(seed_of(key))
+        y.backward(torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype).to(y.dtype))
+
+
+def _argument_record(arguments) -> dict:
+    """What a call left in its tensor arguments: the gradients of those that require one, the values of
+    the others (running statistics are updated in place)."""
+    return {f"{'gradient of ' if t.requires_grad else ''}tensor argument {i}": t.grad if t.requires_grad else t.detach()
+            for i, t in enumerate(_tensors(arguments))}
+
+
+def _check(actual, expected, truth, what: str) -> None:
+    """bnlab's value against torch's, with torch's own float64 computation on the same values as the
+    truth: bnlab's error may exceed torch's by torch's tolerance for the dtype, |ours - truth| <=
+    |torch - truth| + atol + rtol |truth|. In float64 the truth is torch's result and this is
+    assert_close with torch's tolerances; in float32 and half precision it asks bnlab to be as accurate
+    as torch rather than to round as torch does. Shapes, dtypes, None and NaN (torch's samples include
+    a negative eps) must match exactly, and so must integers (num_batches_tracked)."""
+    if expected is None or actual is None:
+        assert actual is None and expected is None, f"{what}: {actual!r} where torch has {expected!r}"
+        return
+    assert (actual.shape, actual.dtype) == (expected.shape, expected.dtype), (
+        f"{what}: {tuple(actual.shape)} {actual.dtype} where torch has {tuple(expected.shape)} {expected.dtype}"
+    )
+    if not expected.is_floating_point():
+        assert torch.equal(actual, expected), f"{what}: {actual} where torch has {expected}"
+        return
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan), f"{what}: NaN where torch has none, or the reverse"
+    ours, torchs, exact = (v.detach().double()[~nan] for v in (actual, expected, truth))
+    rtol, atol = TORCH_TOLERANCES[expected.dtype]
+    excess = (ours - exact).abs() - ((torchs - exact).abs() + atol + rtol * exact.abs())
+    if excess.numel() and excess.max() > 0:
+        i = int(excess.argmax())
+        pytest.fail(
+            f"{what} ({expected.dtype}): bnlab {ours[i].item():.8g}, torch {torchs[i].item():.8g}, float64 "
+            f"truth {exact[i].item():.8g}: bnlab's error exceeds torch's by more than rtol={rtol}, atol={atol} "
+            f"({int((excess > 0).sum())} of {excess.numel()} values)"
+        )
+
+
+def _check_records(ours: dict, torchs: dict, truth: dict, what: str) -> None:
+    assert list(ours) == list(torchs), f"{what}: bnlab gives {list(ours)} where torch gives {list(torchs)}"
+    for name in torchs:
+        _check(ours[name], torchs[name], truth[name], f"{what}: {name}")
+
+
+# ---- torch's module cases ----------------------------------------------------------------------------------
+
+
+def _state(module: torch.nn.Module) -> dict:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def _module_steps(module: torch.nn.Module, forward_input, case: ModuleCase, dtype: Optional[torch.dtype] = None) -> list:
+    """The initial state, then per step the output, the gradients of the inputs and parameters, and
+    the state after it: `STEPS` forward and backward passes of `module` on (copies of) the input."""
+    lazy = getattr(module, "has_uninitialized_params", lambda: False)()  # no state before the first input
+    records = [] if lazy else [{f"initial {name}": v for name, v in _state(module).items()}]
+    for step in range(STEPS):
+        arguments = _copy((forward_input.args, forward_input.kwargs), dtype)
+        y = module(*arguments[0], **arguments[1])
+        _backward(y, f"{case.id}/{step}", case.dtype)
+        record = {"output": y.detach(), **_argument_record(arguments)}
+        for name, p in module.named_parameters():
+            record[f"gradient of {name}"], p.grad = p.grad, None
+        records.append({**record, **{f"{name} after": v for name, v in _state(module).items()}})
+    return records
+
+
+@pytest.mark.parametrize("case", _params(MODULE_CASES))
+def test_module_case_matches_torch(backend, case: ModuleCase):
+    module_input = case.module_input()
+    make = module_input.constructor_input
+    ours = _peer(bnlab.nn, case.info.module_cls.__name__)(*make.args, **make.kwargs).to(case.dtype)
+    theirs = case.info.module_cls(*make.args, **make.kwargs).to(case.dtype)
+    truth = case.info.module_cls(*make.args, **make.kwargs).double()
+    runs = [_module_steps(m.train(case.training), module_input.forward_input, case, dtype)
+            for m, dtype in ((ours, None), (theirs, None), (truth, torch.float64))]
+    for step, (mine, torchs, exact) in enumerate(zip(*runs)):
+        _check_records(mine, torchs, exact, f"record {step}")
+
+
+# ---- torch's function cases --------------------------------------------------------------------------------
+
+
+def _function_call(fn: Callable, sample, case: OpCase, dtype: Optional[torch.dtype] = None) -> dict:
+    """The output of `fn` on (copies of) a sample, and what it left in its tensor arguments."""
+    arguments = _copy((sample.input, sample.args, sample.kwargs), dtype)
+    y = fn(arguments[0], *arguments[1], **arguments[2])
+    _backward(y, case.id, case.dtype)
+    return {"output": y.detach(), **_argument_record(arguments)}
+
+
+@pytest.mark.parametrize("case", _params(OP_CASES))
+def test_function_case_matches_torch(backend, case: OpCase):
+    sample = case.sample()
+    ours = _function_call(_peer(bnlab.functional, case.info.name.rsplit(".", 1)[1]), sample, case)
+    theirs = _function_call(case.info.op, sample, case)
+    truth = _function_call(case.info.op, sample, case, torch.float64)
+    _check_records(ours, theirs, truth, "call")
+
+
+# ---- the selection itself ----------------------------------------------------------------------------------
+
+
+def test_torch_case_databases_load():
+    if _IMPORT_ERROR is not None:
+        pytest.fail(
+            f"torch's test-case databases did not import ({_IMPORT_ERROR!r}); they need expecttest: "
+            "install the test extra, .venv/bin/pip install -e '.[test]' (scripts/setup.sh does)"
+        )
+    modules = {mi.module_cls.__name__ for mi in MODULE_INFOS}
+    functions = {op.name.rsplit(".", 1)[1] for op in OP_INFOS}
+    assert EXPECTED_MODULES <= modules, f"module_db selection lost {sorted(EXPECTED_MODULES - modules)}"
+    assert EXPECTED_FUNCTIONS <= functions, f"op_db selection lost {sorted(EXPECTED_FUNCTIONS - functions)}"
+    assert any(0 in case.module_input().forward_input.args[0].shape for case in MODULE_CASES), (
+        "torch's module cases no longer include an empty batch"
+    )
+
+
+def test_known_differences_name_existing_cases():
+    ids = {case.id for case in MODULE_CASES + OP_CASES}
+    stale = sorted(set(KNOWN_DIFFERENCES) - ids)
+    assert not stale, f"KNOWN_DIFFERENCES names cases torch no longer has: {stale}; remove them"
