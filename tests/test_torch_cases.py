@@ -297,6 +297,224 @@ def test_function_case_matches_torch(backend, case: OpCase):
     _check_records(ours, theirs, truth, "call")
 
 
+# ---- bnlab's layers that torch lacks, on torch's BatchNorm cases, against the NumPy oracle -----------------
+#
+# The lite BNs, batch renorm, ghost batches, whitening and PIT norm share batch norm's constructor, so
+# each takes the constructor and forward inputs of torch's BatchNorm cases whose input rank it accepts
+# (the 2d-only layers the BatchNorm2d cases, none the 3d ones), empty batches included, in training and
+# evaluation. The oracle is `bnlab.reference` (float64 NumPy, no torch) plus batch norm's bookkeeping:
+# num_batches_tracked counts training batches, momentum=None averages them, without running statistics
+# the batch's are used, and an empty batch gives an empty output and moves no statistic. Compared:
+# outputs, running buffers, weight and bias gradients (sum dy * z and sum dy, z the output before the
+# affine), and in float64 the input gradient where the oracle derives one (all but whitening, and PIT
+# in eval). Not in float32: its cancellation (exact, to 0, for a ghost batch of two) leaves rounding
+# noise relative to the terms, not to the result, which no fixed tolerance measures.
+
+OUR_LAYERS = [
+    bnlab.nn.MeanOnlyBatchNorm1d, bnlab.nn.MeanOnlyBatchNorm2d, bnlab.nn.VarianceOnlyBatchNorm1d,
+    bnlab.nn.VarianceOnlyBatchNorm2d, bnlab.nn.BatchRenorm1d, bnlab.nn.BatchRenorm2d, bnlab.nn.GhostBatchNorm1d,
+    bnlab.nn.GhostBatchNorm2d, bnlab.nn.DecorrelatedBatchNorm2d, bnlab.nn.IterNorm2d, bnlab.nn.PITNorm1d,
+    bnlab.nn.PITNorm2d,
+]
+# Options beyond batch norm's constructor: ghost batches of 2 split torch's batches of 4 in two.
+LAYER_OPTIONS = {bnlab.nn.GhostBatchNorm1d: {"ghost_batch_size": 2}, bnlab.nn.GhostBatchNorm2d: {"ghost_batch_size": 2}}
+# Configurations of torch's cases that one of our layers refuses by design, (layer, case desc) -> why.
+# The test checks that the refusal is a ValueError naming the setting.
+REFUSED_CONFIGURATIONS = {
+    ("BatchRenorm1d", "not_tracking_stats"): "track_running_stats: batch renorm corrects towards the running statistics",
+    ("BatchRenorm2d", "not_tracking_stats"): "track_running_stats: batch renorm corrects towards the running statistics",
+}
+
+BN_INFOS = [mi for mi in module_db if issubclass(mi.module_cls, torch.nn.modules.batchnorm._BatchNorm) and not mi.is_lazy]
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    layer: type
+    source: ModuleCase  # the torch BatchNorm case it borrows
+
+    @property
+    def id(self) -> str:
+        return f"{self.layer.__name__}-from-{self.source.id}"
+
+    @property
+    def refusal(self) -> Optional[str]:
+        return REFUSED_CONFIGURATIONS.get((self.layer.__name__, self.source.desc))
+
+
+def _layer_cases() -> list[LayerCase]:
+    cases = []
+    for source in _module_cases(BN_INFOS):
+        rank = source.module_input().forward_input.args[0].dim()
+        cases += [LayerCase(layer, source) for layer in OUR_LAYERS if rank in layer.input_dims]
+    return cases
+
+
+LAYER_CASES = _layer_cases()
+
+
+def _numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+    """A float64 copy (never a view of a buffer the layer updates in place)."""
+    return None if t is None else t.detach().double().numpy().copy()
+
+
+def _axes(x: np.ndarray) -> tuple[int, ...]:
+    return (0, *range(2, x.ndim))
+
+
+@dataclass
+class OracleStep:
+    z: np.ndarray  # the output before the affine
+    running: dict  # the running buffers after the step (only those the layer has)
+    dx: Optional[np.ndarray]  # the input gradient, where the oracle derives one
+
+
+def _batch_norm_eval(x, dy, gamma, running, layer) -> OracleStep:
+    z = reference.forward(x, None, None, running["running_mean"], running["running_var"], False, eps=layer.eps).y
+    dx = reference.backward(dy, x, gamma, running["running_mean"], running["running_var"], False, layer.eps)[0]
+    return OracleStep(z, running, dx)
+
+
+def _mean_only(x, dy, gamma, running, use_batch, factor, layer) -> OracleStep:
+    ones, zeros = np.ones(x.shape[1]), np.zeros(x.shape[1])
+    z, mean, var = reference.mean_only_forward(x, ones, zeros, running.get("running_mean"),
+                                               running.get("running_var"), use_batch, factor)
+    dx = reference.mean_only_backward(dy, x, gamma, use_batch, running.get("running_mean"))[0]
+    return OracleStep(z, {"running_mean": mean, "running_var": var} if running else {}, dx)
+
+
+def _variance_only(x, dy, gamma, running, use_batch, factor, layer) -> OracleStep:
+    ones, zeros = np.ones(x.shape[1]), np.zeros(x.shape[1])
+    z, mean, var = reference.variance_only_forward(x, ones, zeros, running.get("running_mean"),
+                                                   running.get("running_var"), use_batch, factor, layer.eps)
+    dx = reference.variance_only_backward(dy, x, gamma, use_batch, running.get("running_var"), layer.eps)[0]
+    return OracleStep(z, {"running_mean": mean, "running_var": var} if running else {}, dx)
+
+
+def _batch_renorm(x, dy, gamma, running, use_batch, factor, layer) -> OracleStep:
+    if not use_batch:
+        return _batch_norm_eval(x, dy, gamma, running, layer)
+    r_max, d_max = layer.clipping_bounds()  # the bounds of the step just taken (num_batches_tracked)
+    ones, zeros = np.ones(x.shape[1]), np.zeros(x.shape[1])
+    z, r, _, mean, var = reference.batch_renorm_forward(x, ones, zeros, running["running_mean"],
+                                                        running["running_var"], r_max, d_max, factor, layer.eps)
+    dx = reference.backward(dy, x, gamma * r, eps=layer.eps)[0]  # r and d are constants for the backward
+    return OracleStep(z, {"running_mean": mean, "running_var": var}, dx)
+
+
+def _ghost_batch_norm(x, dy, gamma, running, use_batch, factor, layer) -> OracleStep:
+    """One batch-norm step per ghost batch, in order (the last ghost batch takes the remainder); in
+    evaluation batch norm's, over the whole batch when there are no running statistics."""
+    if not use_batch:
+        return _batch_norm_eval(x, dy, gamma, running, layer)
+    size = layer.ghost_batch_size if layer.training else x.shape[0]
+    k = max(1, x.shape[0] // size)
+    bounds = [i * size for i in range(k)] + [x.shape[0]]
+    tracked = (int(layer.num_batches_tracked) - 1) * k if layer.momentum is None and running else 0
+    z, dx = np.empty_like(x), np.empty_like(x)
+    mean, var = running.get("running_mean"), running.get("running_var")
+    for i in range(k):
+        rows = slice(bounds[i], bounds[i + 1])
+        momentum = 1.0 / (tracked + i + 1) if layer.momentum is None and running else factor
+        out = reference.forward(x[rows], None, None, mean, var, True, momentum, layer.eps)
+        z[rows], mean, var = out.y, out.running_mean, out.running_var
+        dx[rows] = reference.backward(dy[rows], x[rows], gamma, eps=layer.eps)[0]
+    return OracleStep(z, {"running_mean": mean, "running_var": var} if running else {}, dx)
+
+
+def _whitening(method: str):
+    def oracle(x, dy, gamma, running, use_batch, factor, layer) -> OracleStep:
+        ones, zeros = np.ones(x.shape[1]), np.zeros(x.shape[1])
+        z, mean, whitening = reference.whitening_forward(
+            x, ones, zeros, layer.group_size, method, getattr(layer, "iterations", 5), layer.eps, use_batch,
+            running.get("running_mean"), running.get("running_whitening"), factor)
+        return OracleStep(z, {"running_mean": mean, "running_whitening": whitening} if running else {}, None)
+    return oracle
+
+
+def _pit_norm(x, dy, gamma, running, use_batch, factor, layer) -> OracleStep:
+    ones, zeros = np.ones(x.shape[1]), np.zeros(x.shape[1])
+    if not use_batch:
+        z = reference.pit_eval(x, ones, zeros, running["running_quantiles"], running["running_var"], layer.eps)
+        return OracleStep(z, running, None)  # the gradient of the piecewise-linear map is autograd's
+    after = {}
+    if running:
+        stats = reference.forward(x, None, None, running["running_mean"], running["running_var"], True, factor)
+        quantiles = reference.pit_batch_quantiles(x, running["running_quantiles"].shape[1])
+        after = {"running_mean": stats.running_mean, "running_var": stats.running_var,
+                 "running_quantiles": (1 - factor) * running["running_quantiles"] + factor * quantiles}
+    # The gradient for x is batch normalization's (the straight-through surrogate).
+    return OracleStep(reference.pit_forward(x, ones, zeros), after, reference.backward(dy, x, gamma, eps=layer.eps)[0])
+
+
+ORACLES = {
+    "MeanOnlyBatchNorm": _mean_only, "VarianceOnlyBatchNorm": _variance_only, "BatchRenorm": _batch_renorm,
+    "GhostBatchNorm": _ghost_batch_norm, "DecorrelatedBatchNorm": _whitening("zca"),
+    "IterNorm": _whitening("newton-schulz"), "PITNorm": _pit_norm,
+}
+
+
+def _oracle(layer: torch.nn.Module):
+    return ORACLES[type(layer).__name__[:-2]]  # the family: the class name without 1d/2d
+
+
+def _oracle_step(layer, running: dict, x: np.ndarray, dy: np.ndarray) -> tuple[OracleStep, float]:
+    """What the layer must do on x, given the running buffers before the step, after its forward has
+    counted the step (batch norm's bookkeeping, which the layer shares)."""
+    tracking = layer.training and layer.track_running_stats
+    factor = layer.momentum if layer.momentum is not None else (1.0 / int(layer.num_batches_tracked) if tracking else 0.0)
+    use_batch = layer.training or not layer.track_running_stats
+    gamma = _numpy(layer.weight) if layer.weight is not None else np.ones(x.shape[1])
+    if x.size == 0:  # torch's empty batch: nothing normalized, nothing moves
+        return OracleStep(x.copy(), running, dy.copy()), factor
+    step = _oracle(layer)(x, dy, gamma, running if tracking or not use_batch else {}, use_batch, factor, layer)
+    return OracleStep(step.z, step.running if tracking else running, step.dx), factor
+
+
+@pytest.mark.parametrize("case", _params(LAYER_CASES))
+def test_our_layer_on_torch_batch_norm_case_matches_the_oracle(backend, case: LayerCase):
+    source = case.source
+    module_input = source.module_input()
+    make = module_input.constructor_input
+    options = {**make.kwargs, **LAYER_OPTIONS.get(case.layer, {})}
+    if case.refusal:
+        with pytest.raises(ValueError, match=case.refusal.split(":")[0]):
+            case.layer(*make.args, **options)
+        return
+    layer = case.layer(*make.args, **options).to(source.dtype).train(source.training)
+    tol = dict(rtol=1e-10, atol=1e-10) if source.dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    buffers = [name for name, value in layer.named_buffers() if name != "num_batches_tracked"]
+    for step in range(STEPS):
+        what = f"step {step}"
+        running = {name: _numpy(getattr(layer, name)) for name in buffers}
+        x = _copy(module_input.forward_input.args[0])
+        y = layer(x)
+        gen = torch.Generator().manual_seed(seed_of(f"{case.id}/{step}"))
+        dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(source.dtype)
+        y.backward(dy)
+        expected, _ = _oracle_step(layer, running, _numpy(x), _numpy(dy))
+        gamma = _numpy(layer.weight) if layer.weight is not None else 1.0
+        beta = _numpy(layer.bias) if layer.bias is not None else 0.0
+        shape = (1, -1, *[1] * (x.dim() - 2))
+        assert y.shape == x.shape and y.dtype == x.dtype, f"{what}: output {tuple(y.shape)} {y.dtype}"
+        assert_close(y.double(), torch.from_numpy(np.reshape(gamma, shape) * expected.z + np.reshape(beta, shape)
+                                                  if layer.weight is not None or layer.bias is not None
+                                                  else expected.z), f"{what}: output", **tol)
+        for name in buffers:
+            assert_close(getattr(layer, name).double(), torch.from_numpy(expected.running[name]), f"{what}: {name}", **tol)
+        if layer.num_batches_tracked is not None:  # batch norm's count: every training batch, empty ones too
+            counted = step + 1 if layer.training else 0
+            assert int(layer.num_batches_tracked) == counted, f"{what}: num_batches_tracked {int(layer.num_batches_tracked)}"
+        if expected.dx is not None and source.dtype == torch.float64:
+            assert_close(x.grad.double(), torch.from_numpy(expected.dx), f"{what}: input gradient", **tol)
+        dy64, axes = _numpy(dy), _axes(expected.z)
+        for name, grad in (("weight", (dy64 * expected.z).sum(axis=axes)), ("bias", dy64.sum(axis=axes))):
+            p = getattr(layer, name)
+            if p is not None:
+                assert_close(p.grad.double(), torch.from_numpy(np.asarray(grad)), f"{what}: gradient of {name}", **tol)
+                p.grad = None
+
+
 # ---- the selection itself ----------------------------------------------------------------------------------
 
 
@@ -315,7 +533,10 @@ def test_torch_case_databases_load():
     )
 
 
-def test_known_differences_name_existing_cases():
-    ids = {case.id for case in MODULE_CASES + OP_CASES}
+def test_exception_lists_name_existing_cases():
+    ids = {case.id for case in MODULE_CASES + OP_CASES + LAYER_CASES}
     stale = sorted(set(KNOWN_DIFFERENCES) - ids)
     assert not stale, f"KNOWN_DIFFERENCES names cases torch no longer has: {stale}; remove them"
+    refused = {(case.layer.__name__, case.source.desc) for case in LAYER_CASES}
+    stale = sorted(set(REFUSED_CONFIGURATIONS) - refused)
+    assert not stale, f"REFUSED_CONFIGURATIONS names no case of torch's: {stale}; remove them"
