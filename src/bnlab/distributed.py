@@ -127,13 +127,15 @@ def sync_batch_norm(
     statistics, if given, are updated in place with torch's momentum convention,
     ``running = (1 - momentum) * running + momentum * batch``, the variance entering unbiased with the
     global count. Every process of the group must call this (in the same order as its other
-    collectives), also with an empty input (0 samples), which then contributes nothing. Outside an
-    initialized process group, or in a group of one, this is `bnlab.functional.batch_norm` in training.
+    collectives), also with an empty input (0 samples), which then contributes nothing; when every
+    process's input is empty, each gets an empty output and the running statistics stay, as batch
+    norm's on an empty batch (`bnlab.functional.empty_batch`). Outside an initialized process group, or
+    in a group of one, this is `bnlab.functional.batch_norm` in training.
 
     See the module docstring for the backward and the gradient convention under DDP.
 
     Args:
-        input: (N, C, ...) with 2 to 5 dims, floating; N may be 0 in a group of two or more.
+        input: (N, C, ...) with 2 to 5 dims, floating; N may be 0.
         running_mean, running_var: (C,) running statistics, or None.
         weight, bias: (C,) scale and shift, or None.
         momentum: the weight of the batch statistics in the running update.

@@ -30,7 +30,8 @@ class SyncBatchNorm(BatchNormBase):
     In training within an initialized process group of two or more processes, E and Var (biased) are
     per channel over the concatenation of every process's input: the output, the input gradient and the
     running statistics equal those of single-process batch norm on the concatenated batch, whatever the
-    shard sizes; a process with an empty shard (N = 0) still takes part, and gets an empty output. The
+    shard sizes; a process with an empty shard (N = 0) still takes part, and gets an empty output (when
+    every shard is empty, nothing moves: batch norm's empty batch, as torch's). The
     weight and bias gradients are each process's share, which DDP's averaging turns into the right
     gradient when each process backpropagates ``world_size / global_batch`` times the sum of its
     samples' losses (`bnlab.distributed.ddp_loss`; the module docstring of `bnlab.distributed` derives
@@ -56,7 +57,7 @@ class SyncBatchNorm(BatchNormBase):
         bias: keyword-only; False keeps the scale but drops the shift.
 
     Shape:
-        - Input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); N may be 0 in training within a group.
+        - Input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); N may be 0 (see above).
         - Output: the input's shape.
 
     Example (single process: plain batch norm):
