@@ -20,6 +20,7 @@ The helpers need `expecttest` (in the test extra, which scripts/setup.sh install
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -295,6 +296,67 @@ def test_function_case_matches_torch(backend, case: OpCase):
     theirs = _function_call(case.info.op, sample, case)
     truth = _function_call(case.info.op, sample, case, torch.float64)
     _check_records(ours, theirs, truth, "call")
+
+
+# ---- empty batches beyond torch's cases ---------------------------------------------------------------------
+#
+# torch's cases hold an empty batch for BatchNorm, LayerNorm, group_norm and layer_norm only. The rest of
+# the family that torch also has, and the other empty shapes data-parallel shards and detection heads
+# produce, here: (layer, constructor arguments, input shape), run as the module cases are.
+EMPTY_CASES = {
+    "InstanceNorm1d-N0": ("InstanceNorm1d", (3,), {}, (0, 3, 5)),
+    "InstanceNorm2d-W0-tracking": ("InstanceNorm2d", (3,), {"track_running_stats": True}, (2, 3, 4, 0)),
+    "InstanceNorm3d-N0": ("InstanceNorm3d", (3,), {}, (0, 3, 2, 2, 2)),
+    "InstanceNorm1d-unbatched-L0": ("InstanceNorm1d", (3,), {"affine": True}, (3, 0)),
+    "BatchNorm2d-H0": ("BatchNorm2d", (3,), {}, (4, 3, 0, 2)),
+    "BatchNorm3d-N0-cumulative": ("BatchNorm3d", (3,), {"momentum": None}, (0, 3, 2, 2, 2)),
+    "BatchNorm1d-N0-not-tracking": ("BatchNorm1d", (3,), {"track_running_stats": False}, (0, 3)),
+    "LazyBatchNorm2d-N0": ("LazyBatchNorm2d", (), {}, (0, 3, 2, 2)),
+    "GroupNorm-N0": ("GroupNorm", (2, 4), {}, (0, 4, 3)),
+    "LayerNorm-N0": ("LayerNorm", ((2, 3),), {}, (0, 5, 2, 3)),
+}
+
+
+@dataclass(frozen=True)
+class EmptyCase:
+    name: str
+    training: bool
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-{'train' if self.training else 'eval'}"
+
+
+@pytest.mark.parametrize("case", _params([EmptyCase(name, training) for name in EMPTY_CASES for training in (True, False)]))
+def test_empty_batch_matches_torch(backend, case: EmptyCase):
+    layer, args, kwargs, shape = EMPTY_CASES[case.name]
+    forward_input = SimpleNamespace(args=(torch.randn(shape, requires_grad=True),), kwargs={})
+    ours = getattr(bnlab.nn, layer)(*args, **kwargs)
+    theirs, truth = (getattr(torch.nn, layer)(*args, **kwargs).to(dtype) for dtype in (torch.float32, torch.float64))
+    runs = [_module_steps(m.train(case.training), forward_input, case, dtype)
+            for m, dtype in ((ours, None), (theirs, None), (truth, torch.float64))]
+    for step, (mine, torchs, exact) in enumerate(zip(*runs)):
+        _check_records(mine, torchs, exact, f"record {step}")
+
+
+def test_instance_norm_on_an_empty_batch_is_the_familys_where_torchs_is_broken():
+    """The deliberate differences (bnlab.nn.norms' docstring): on N = 0 torch's instance norm averages
+    the running statistics over no samples, writing NaN into them, and with a weight fails with an
+    IndexError from inside ATen; bnlab gives the family's empty batch."""
+    x = torch.randn(0, 3, 4, requires_grad=True)
+    with pytest.raises(IndexError):
+        torch.nn.InstanceNorm1d(3, affine=True)(x)
+    theirs = torch.nn.InstanceNorm1d(3, track_running_stats=True)
+    theirs(x)
+    assert theirs.running_mean.isnan().all() and theirs.running_var.isnan().all()
+    ours = bnlab.nn.InstanceNorm1d(3, affine=True, track_running_stats=True)
+    y = ours(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(ours.weight.grad, torch.zeros(3)) and torch.equal(ours.bias.grad, torch.zeros(3))
+    assert torch.equal(ours.running_mean, torch.zeros(3)) and torch.equal(ours.running_var, torch.ones(3))
+    assert int(ours.num_batches_tracked) == 0
 
 
 # ---- bnlab's layers that torch lacks, on torch's BatchNorm cases, against the NumPy oracle -----------------

@@ -612,7 +612,8 @@ def instance_norm(
     the variance unbiased over the positions (torch's rule). Without it the running statistics
     normalize, which is batch normalization in evaluation. An empty input (N = 0 or no positions) gives
     an empty output and leaves the running statistics alone (`empty_batch`); torch does the same, except
-    that with a weight and N = 0 its kernel fails with an IndexError.
+    at N = 0, where it writes NaN into the running statistics and, with a weight, fails with an
+    IndexError.
 
     Example:
         >>> import torch

@@ -7,12 +7,15 @@ compiled kernels.
 
 The instance norms keep torch's bookkeeping: ``num_batches_tracked`` stays 0 and ``momentum=None``
 counts as 0 (the running statistics then never move). An empty input (N = 0, or no positions) gives an
-empty output and leaves the running statistics alone, as torch's does. Deliberate differences from
-torch, all in the instance norms:
+empty output and leaves the running statistics alone, as torch's batch norm does (and its layer and
+group norm; its instance norm differs at N = 0, below). Deliberate differences from torch, all in the
+instance norms:
 
 - An input whose channel count differs from num_features is a ValueError even with affine=False and
   track_running_stats=False (torch only warns there, and normalizes anyway).
-- An empty batch with affine=True gives an empty output (torch's kernel fails there with an IndexError).
+- An empty batch (N = 0) leaves the running statistics alone (torch's averages them over no samples
+  and writes NaN into them), and with affine=True gives an empty output (torch's kernel fails there
+  with an IndexError).
 - No lazy forms, and no special case for pre-0.4 state dicts holding running statistics.
 """
 
