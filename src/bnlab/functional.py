@@ -229,6 +229,8 @@ def batch_norm_with_stats(
         input,
         tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
     )
+    if input.numel() == 0:
+        return empty_batch(input, weight, bias), running_mean, running_var
     check_batch_size(input)
     y, mean, _, var = _forward_torch(input, weight, bias, None, None, True, 0.0, eps)
     return y, _moved(running_mean, mean, momentum), _moved(running_var, _unbiased(var, input), momentum)
@@ -289,30 +291,37 @@ def in_graph(input: Tensor) -> bool:
 def _batch_norm_in_graph(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
     """The transform for a graph, in three forms by where it runs:
 
-    - ONNX export: torch's ``F.batch_norm``, which the exporter writes as ONNX's standard
-      BatchNormalization, so the model runs in any ONNX runtime without bnlab;
-    - compiled kernels that take the input (CPU, float32/float64), outside torch.func: the functional
-      operator ``bnlab::batch_norm_forward`` (fake kernel and autograd registered by `bnlab.kernels`), an
-      opaque node holding the hand-derived kernels and backward; the running statistics are updated
-      from the batch statistics it returns, with tensor ops the graph records;
+    - evaluation, and ONNX export: torch's ``F.batch_norm``. With the running statistics the transform
+      is a per-channel affine map, which compilers fold into the neighbouring convolution and fuse
+      with the activation; as torch's own operator it keeps an exported program loadable without
+      bnlab, and the ONNX exporter writes it as ONNX's standard BatchNormalization;
+    - training with compiled kernels that take the input (CPU, float32/float64), outside torch.func:
+      the functional operator ``bnlab::batch_norm_forward`` (fake kernel and autograd registered by
+      `bnlab.kernels`), an opaque node holding the hand-derived kernels and backward; the running
+      statistics are updated from the batch statistics it returns, with tensor ops the graph records;
     - otherwise (torch.func, GPUs, half precision, BNLAB_KERNELS=torch): the forward in plain tensor
       ops, which autograd (and, compiled, inductor) differentiates and fuses.
 
-    `momentum` may be a 0-dim tensor (the cumulative average's 1 / num_batches_tracked under compile).
+    `momentum` may be a 0-dim tensor (the cumulative average's 1 / n under compile).
     """
-    if torch.onnx.is_in_onnx_export():
+    if not training or torch.onnx.is_in_onnx_export():
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
                                               momentum, eps)
     if (kernels.available() and not torch._C._are_functorch_transforms_active()
             and _compiled_supported(input, weight, bias, running_mean, running_var)):
         if not (input.is_contiguous() or (input.dim() > 2 and input.movedim(1, -1).is_contiguous())):
             input = input.contiguous()  # the layouts the kernels read in place (the fake kernel assumes it)
-        y, stats = torch.ops.bnlab.batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps)
-        if training:
-            _update_running(running_mean, stats[0], momentum)
-            _update_running(running_var, stats[2], momentum)
-        return y
-    return _forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+        y, stats = torch.ops.bnlab.batch_norm_forward(input, weight, bias, None, None, True, eps)
+        mean, unbiased_var = stats[0], stats[2]
+    else:
+        y, mean, _, var = _forward_torch(input, weight, bias, None, None, True, 0.0, eps)
+        unbiased_var = _unbiased(var, input)
+    # The running statistics move after y is computed: AOTAutograd (torch 2.13) differentiates a graph
+    # that mutates a buffer halfway through with the buffer's new value, where an input of the
+    # normalization (batch renorm's r and d) was computed from the old one.
+    _update_running(running_mean, mean, momentum)
+    _update_running(running_var, unbiased_var, momentum)
+    return y
 
 
 def _reduce_dims(x: Tensor) -> list[int]:
@@ -904,15 +913,41 @@ def batch_renorm(
     with torch.no_grad():
         x = input.to(_compute_dtype(input.dtype))
         batch_var, batch_mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
-        sigma = torch.sqrt(running_var.to(x.dtype) + eps)
-        r = (torch.sqrt(batch_var + eps) / sigma).clamp(1.0 / r_max, r_max)
-        d = ((batch_mean - running_mean.to(x.dtype)) / sigma).clamp(-d_max, d_max)
+        if in_graph(input):
+            r, d = renorm_corrections(batch_mean, batch_var, running_mean.to(x.dtype), running_var.to(x.dtype),
+                                      torch.as_tensor(r_max, dtype=x.dtype), torch.as_tensor(d_max, dtype=x.dtype), eps)
+        else:
+            r, d = _renorm_corrections(batch_mean, batch_var, running_mean.to(x.dtype), running_var.to(x.dtype),
+                                       r_max, d_max, eps)
     param_dtype = weight.dtype if weight is not None else input.dtype
     r, d = r.to(param_dtype), d.to(param_dtype)
     scale = r if weight is None else weight * r
     shift = d if weight is None else weight * d
     shift = shift if bias is None else bias + shift
     return batch_norm(input, running_mean, running_var, scale, shift, True, momentum, eps)
+
+
+def _renorm_corrections(batch_mean, batch_var, running_mean, running_var, r_max, d_max, eps):
+    """Batch renorm's r = clip(sigma_B / sigma, 1/r_max, r_max) and d = clip((mu_B - mu) / sigma, -d_max, d_max)."""
+    sigma = torch.sqrt(running_var + eps)
+    r = (torch.sqrt(batch_var + eps) / sigma).clamp(1.0 / r_max, r_max)
+    d = ((batch_mean - running_mean) / sigma).clamp(-d_max, d_max)
+    return r, d
+
+
+@torch.library.custom_op("bnlab::renorm_corrections", mutates_args=())
+def renorm_corrections(batch_mean: Tensor, batch_var: Tensor, running_mean: Tensor, running_var: Tensor,
+                       r_max: Tensor, d_max: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """`_renorm_corrections` as one operator, for graphs. The corrections read the running statistics
+    that the same training step then updates; as separate ops AOTAutograd's partitioner (torch 2.13)
+    may recompute them in the backward from the already updated buffers, and the weight gradient comes
+    out wrong. An operator's outputs are saved, never recomputed."""
+    return _renorm_corrections(batch_mean, batch_var, running_mean, running_var, r_max, d_max, eps)
+
+
+@renorm_corrections.register_fake
+def _(batch_mean, batch_var, running_mean, running_var, r_max, d_max, eps):
+    return torch.empty_like(batch_mean), torch.empty_like(batch_mean)
 
 
 # ---- ghost batch normalization ------------------------------------------------------------------------
@@ -1230,25 +1265,11 @@ def _quantile_map(rows: Tensor, knots: Tensor, levels: Tensor, max_gain: Tensor)
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Returns `value`; the gradient flows to `surrogate` unchanged (the value has none of its own).
-
-    In torch.func's form (a separate setup_context, a forward-mode rule and a generated vmap rule), so
-    that grad, jacfwd and vmap go through it as through any torch op.
-    """
-
-    generate_vmap_rule = True
+    """Returns `value`; the gradient flows to `surrogate` unchanged (the value has none of its own)."""
 
     @staticmethod
-    def forward(surrogate, value):
+    def forward(ctx, surrogate, value):
         return value.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def jvp(ctx, surrogate_tangent, value_tangent):
-        return surrogate_tangent
 
     @staticmethod
     def backward(ctx, grad):
@@ -1332,4 +1353,13 @@ def pit_norm(
             batch_knots = _batch_quantiles(sorted_rows, running_quantiles.shape[1])
             _update_running(running_quantiles, batch_knots, momentum)
         z = _ungrouped(z, x).to(input.dtype)
-    return per_channel_affine(_StraightThrough.apply(surrogate, z), weight, bias)
+    return per_channel_affine(_straight_through(surrogate, z), weight, bias)
+
+
+def _straight_through(surrogate: Tensor, value: Tensor) -> Tensor:
+    """`value`, with `surrogate`'s gradient. In a graph (torch.compile, torch.func) as the plain-ops
+    identity ``surrogate + (value - surrogate).detach()``, which every transform goes through (equal to
+    `value` up to one rounding); eagerly the exact `_StraightThrough`."""
+    if in_graph(value):
+        return surrogate + (value - surrogate).detach()
+    return _StraightThrough.apply(surrogate, value)
