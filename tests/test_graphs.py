@@ -565,3 +565,31 @@ def test_old_state_dict_without_num_batches_tracked(name):
     fresh.load_state_dict(state)
     if fresh.num_batches_tracked is not None:
         assert int(fresh.num_batches_tracked) == 0
+
+
+# ---- the benchmarks' compiled columns run (their figures are reported, never asserted) ------------------
+
+
+def test_bench_op_compile_columns():
+    from bnlab import bench
+
+    (result,) = bench.bench_op([(16, 3, 4, 4)], repeats=1, compile=True)
+    assert result.compiled_native_ms > 0 and result.compiled_bnlab_ms > 0
+    assert result.compiled_speedup == pytest.approx(result.compiled_native_ms / result.compiled_bnlab_ms)
+    assert "compiled bnlab vs compiled native" in bench.op_markdown([result])
+
+
+def test_bench_train_compiled_models_and_best_mode():
+    from types import SimpleNamespace
+
+    from bnlab import bench
+
+    gen = torch.Generator().manual_seed(0)
+    dataset = SimpleNamespace(train_images=torch.randint(0, 256, (64, 28, 28), generator=gen, dtype=torch.uint8),
+                              train_labels=torch.randint(0, 10, (64,), generator=gen))
+    torch._dynamo.reset()
+    results = bench.bench_train(dataset, ("bn-lenet", "bn-lenet+compile"), batch_size=16, rounds=1,
+                                batches_per_round=1)
+    assert [r.model for r in results] == ["bn-lenet", "bn-lenet+compile"]
+    assert all(r.examples_per_sec > 0 and r.final_loss == r.final_loss for r in results)
+    assert set(bench.best_modes(results)) == {"bn-lenet"}

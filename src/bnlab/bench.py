@@ -11,15 +11,21 @@ shared machine slows them alike; each figure is a median. Besides milliseconds i
   and write dx) at the bandwidth of a copy (read + write) timed in the same run: floor = 4 x copy time;
 - the bytes each implementation saves for backward, per input element.
 
+With ``--compile`` it also times ``torch.compile`` (default backend, fullgraph) of torch's native
+``F.batch_norm`` and of bnlab's, each forward compiled with its backward, in the same rotation: the
+peers a user who compiles a model would otherwise pick.
+
 `bnlab bench train` measures training throughput end to end (data batches, forward, loss, backward,
 SGD step) of LeNets that differ only in their batch-norm layer: bnlab's, torch's built-in, and the
-chapter's naive one, plus the plain LeNet. The models take turns for rounds of a few batches on the
+chapter's naive one, plus the plain LeNet; ``NAME+compile`` is the model under ``torch.compile``
+(bn-lenet+compile and bn-lenet-torch+compile are in the default set), and the summary names each
+model's faster mode. The models take turns for rounds of a few batches on the
 real Fashion-MNIST; each figure is the median examples per second over the rounds.
 
 `bnlab bench infer` times eval-mode forward passes of a trained-shape BN LeNet before and after
 `bnlab.nn.fold_batchnorm`, interleaved, at several batch sizes, and reports the speed-up.
 
-Run:  bnlab bench op [--repeats 25] [--threads N] [--channels-last] [--json out.json]
+Run:  bnlab bench op [--repeats 30] [--threads N] [--channels-last] [--compile] [--json out.json]
       bnlab bench train [--rounds 15] [--batches 20] [--batch-size 128]
       bnlab bench infer [--batch-sizes 1 64 1024]
 """
@@ -103,9 +109,12 @@ class OpResult:
     saved_bytes_native: float
     saved_bytes_chapter: float
     max_abs_diff: float  # bnlab vs native output, a sanity check that both computed the same thing
+    compiled_native_ms: Optional[float] = None  # torch.compile(native), with --compile
+    compiled_bnlab_ms: Optional[float] = None  # torch.compile(bnlab), with --compile
+    compiled_speedup: Optional[float] = None  # compiled native / compiled bnlab
 
 
-def _op_case(shape: Sequence[int], channels_last: bool, seed: int = 0):
+def _op_case(shape: Sequence[int], channels_last: bool, compile: bool = False, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=gen)
     dy = torch.randn(*shape, generator=gen)
@@ -133,6 +142,8 @@ def _op_case(shape: Sequence[int], channels_last: bool, seed: int = 0):
 
     forwards = {"bnlab": (bnlab_forward, (x, weight, bias)), "native": (native_forward, (x, weight, bias)),
                 "chapter": (chapter_forward, (x, gamma, beta))}
+    if compile:
+        forwards.update(_compiled_forwards(x, weight, bias))
     steps = {
         name: (lambda f=f, inputs=inputs: torch.autograd.grad(f(), inputs, dy))
         for name, (f, inputs) in forwards.items()
@@ -140,19 +151,32 @@ def _op_case(shape: Sequence[int], channels_last: bool, seed: int = 0):
     steps["copy"] = lambda: x.detach().clone()
     with torch.no_grad():
         diff = (bnlab_forward() - native_forward()).abs().max().item()
-    saved = {name: saved_bytes_per_element(f, x.numel()) for name, (f, _) in forwards.items()}
+    saved = {name: saved_bytes_per_element(forwards[name][0], x.numel()) for name in ("bnlab", "native", "chapter")}
     return steps, saved, diff
 
 
+def _compiled_forwards(x, weight, bias) -> dict:
+    """torch.compile'd training forwards of native and bnlab batch norm, each with its own running
+    statistics; the first call (in the warm-up) compiles them."""
+    channels = x.shape[1]
+    forwards = {}
+    for name, fn in (("compiled_native", torch_F.batch_norm), ("compiled_bnlab", bnlab_F.batch_norm)):
+        compiled = torch.compile(lambda x, w, b, m, v, fn=fn: fn(x, m, v, w, b, True, 0.1, 1e-5), fullgraph=True)
+        stats = (torch.zeros(channels), torch.ones(channels))
+        forwards[name] = (lambda compiled=compiled, stats=stats: compiled(x, weight, bias, *stats), (x, weight, bias))
+    return forwards
+
+
 def bench_op(
-    shapes: Sequence[Sequence[int]] = OP_SHAPES, repeats: int = 25, channels_last: bool = False,
-    progress: Optional[Callable[[str], None]] = None,
+    shapes: Sequence[Sequence[int]] = OP_SHAPES, repeats: int = 30, channels_last: bool = False,
+    progress: Optional[Callable[[str], None]] = None, compile: bool = False,
 ) -> list[OpResult]:
-    """Time bnlab, native and chapter forward + backward on each shape; see the module docstring."""
+    """Time bnlab, native and chapter forward + backward on each shape (and, with `compile`, both
+    under torch.compile); see the module docstring."""
     results = []
     for shape in shapes:
         shape = tuple(shape)
-        steps, saved, diff = _op_case(shape, channels_last)
+        steps, saved, diff = _op_case(shape, channels_last, compile)
         t = time_interleaved(steps, repeats)
         floor = 4 * t["copy"]  # 8 passes at the copy's 2-pass bandwidth
         layout = "channels_last" if channels_last and len(shape) == 4 else "contiguous"
@@ -160,13 +184,17 @@ def bench_op(
             shape, layout, t["bnlab"] * 1e3, t["native"] * 1e3, t["chapter"] * 1e3, t["copy"] * 1e3,
             floor * 1e3, t["native"] / t["bnlab"], t["chapter"] / t["native"], floor / t["bnlab"],
             floor / t["native"], saved["bnlab"], saved["native"], saved["chapter"], diff,
+            *((t["compiled_native"] * 1e3, t["compiled_bnlab"] * 1e3, t["compiled_native"] / t["compiled_bnlab"])
+              if compile else ()),
         ))
         if progress:
             progress(format_op_row(results[-1]))
     return results
 
 
-TRAIN_MODELS = ("bn-lenet", "bn-lenet-torch", "bn-lenet-chapter", "lenet")
+COMPILED = "+compile"  # suffix of a model name: the model under torch.compile
+TRAIN_MODELS = ("bn-lenet", "bn-lenet-torch", "bn-lenet-chapter", "lenet", "bn-lenet+compile",
+                "bn-lenet-torch+compile")
 
 
 @dataclass
@@ -193,9 +221,10 @@ def bench_train(
     runners = {}
     for name in models:
         torch.manual_seed(seed)
-        net = build_model(name)
+        net = build_model(name.removesuffix(COMPILED))
         optimizer = torch.optim.SGD(net.parameters(), lr=lr)
-        runners[name] = (net, optimizer, endless_batches(seed), [float("nan")])
+        forward = torch.compile(net) if name.endswith(COMPILED) else net
+        runners[name] = (forward, optimizer, endless_batches(seed), [float("nan")])
 
     def steps(name: str, count: int) -> None:
         net, optimizer, batches, last = runners[name]
@@ -207,7 +236,7 @@ def bench_train(
             optimizer.step()
             last[0] = loss.item()
 
-    for name in models:  # warm-up: allocator, kernels, first-touch
+    for name in models:  # warm-up: allocator, kernels, first-touch, compilation
         steps(name, 3)
     samples: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
@@ -221,6 +250,13 @@ def bench_train(
     return [TrainSpeed(name, speed[name], speed[name] / reference, runners[name][3][0]) for name in models]
 
 
+def best_modes(results: Sequence[TrainSpeed]) -> dict[str, str]:
+    """For each model measured both ways, the faster mode: "eager" or "compiled"."""
+    speed = {r.model: r.examples_per_sec for r in results}
+    return {name: "compiled" if speed[name + COMPILED] > speed[name] else "eager"
+            for name in speed if name + COMPILED in speed}
+
+
 @dataclass
 class InferSpeed:
     model: str
@@ -232,7 +268,7 @@ class InferSpeed:
 
 
 def bench_infer(models: Sequence[str] = ("bn-lenet", "bn-lenet-torch"), batch_sizes: Sequence[int] = (1, 64, 1024),
-                repeats: int = 25, seed: int = 0) -> list[InferSpeed]:
+                repeats: int = 30, seed: int = 0) -> list[InferSpeed]:
     """Eval-mode forward time of each model before and after folding its batch norms."""
     from bnlab.models import build_model
     from bnlab.nn import fold_batchnorm
@@ -285,20 +321,27 @@ OP_HEADER = (
 )
 
 
+COMPILED_HEADER = f" {'c-native ms':>11} {'c-bnlab ms':>10} {'c vs c':>7}"
+
+
 def format_op_row(r: OpResult) -> str:
     shape = "x".join(map(str, r.shape)) + (" CL" if r.layout == "channels_last" else "")
     saved = f"{r.saved_bytes_bnlab:.1f}/{r.saved_bytes_native:.1f}/{r.saved_bytes_chapter:.1f}"
+    compiled = "" if r.compiled_bnlab_ms is None else (
+        f" {r.compiled_native_ms:11.3f} {r.compiled_bnlab_ms:10.3f} {r.compiled_speedup:6.2f}x")
     return (
         f"{shape:>20} {r.bnlab_ms:9.3f} {r.native_ms:9.3f} {r.chapter_ms:10.3f} {r.speedup_vs_native:8.2f}x "
         f"{r.native_vs_chapter:7.2f}x {r.floor_ms:8.3f} {r.bnlab_floor_share:11.0%} {r.native_floor_share:12.0%} "
-        f"{saved:>19}"
+        f"{saved:>19}" + compiled
     )
 
 
 def op_markdown(results: Sequence[OpResult]) -> str:
+    compiled = results and results[0].compiled_bnlab_ms is not None
     lines = [
-        "| shape | bnlab ms | native ms | chapter ms | bnlab vs native | native vs chapter | bnlab % of floor | native % of floor | saved for backward, B/element (bnlab / native / chapter) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | bnlab ms | native ms | chapter ms | bnlab vs native | native vs chapter | bnlab % of floor | native % of floor | saved for backward, B/element (bnlab / native / chapter) |"
+        + (" compiled native ms | compiled bnlab ms | compiled bnlab vs compiled native |" if compiled else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|" if compiled else ""),
     ]
     for r in results:
         lines.append(
@@ -306,6 +349,7 @@ def op_markdown(results: Sequence[OpResult]) -> str:
             f"| {r.bnlab_ms:.3f} | {r.native_ms:.3f} | {r.chapter_ms:.3f} | {r.speedup_vs_native:.2f}× "
             f"| {r.native_vs_chapter:.2f}× | {r.bnlab_floor_share:.0%} | {r.native_floor_share:.0%} "
             f"| {r.saved_bytes_bnlab:.1f} / {r.saved_bytes_native:.1f} / {r.saved_bytes_chapter:.1f} |"
+            + (f" {r.compiled_native_ms:.3f} | {r.compiled_bnlab_ms:.3f} | {r.compiled_speedup:.2f}× |" if compiled else "")
         )
     return "\n".join(lines)
 
