@@ -83,13 +83,13 @@ def forbid_computing_runs(monkeypatch):
     """A function that, once called, makes computing any study run fail the test: a rerun that should be
     served from the cache is checked by what it does, not by how long it takes (a timed check fails on
     a loaded machine). Call it after the first run, which does compute."""
-    from bnlab.studies import core
+    from bnlab.studies.engine import runner
 
     def refuse(*args, **kwargs):
         pytest.fail("a run was computed although every run should come from the cache")
 
     def forbid() -> None:
-        monkeypatch.setattr(core, "_execute", refuse)
-        monkeypatch.setattr(core, "ProcessPoolExecutor", refuse)
+        monkeypatch.setattr(runner, "_execute", refuse)
+        monkeypatch.setattr(runner, "ProcessPoolExecutor", refuse)
 
     return forbid

@@ -2,7 +2,7 @@
 `launch` and its failures) and `bnlab train --nproc`, on the real Fashion-MNIST.
 
 The central claims, each checked here with two gloo processes on 127.0.0.1:
-- one data-parallel step (`bnlab.train.data_parallel_step`) leaves the parameters and running statistics
+- one data-parallel step (`bnlab.training.data_parallel_step`) leaves the parameters and running statistics
   of the one-process step on the whole global batch, for equal, unequal and empty shards;
 - `train` with nproc=2 (stopped after one epoch, then resumed) ends with the metrics and parameters of
   the uninterrupted one-process run, and only rank 0 writes the run directory.
@@ -31,7 +31,8 @@ from bnlab import data, distributed
 from bnlab.cli import _train_config, build_parser
 from bnlab.distributed import ddp_loss, launch, rank_environment, report, shard_bounds
 from bnlab.nn import SyncBatchNorm, convert_sync_batchnorm
-from bnlab.train import Diverged, TrainConfig, _build, data_parallel_step, load_checkpoint, read_metrics, train
+from bnlab.training import Diverged, TrainConfig, data_parallel_step, load_checkpoint, read_metrics, train
+from bnlab.training.loop import build
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 LAUNCH_TIMEOUT = 180  # seconds: generous for a loaded machine, but never forever
@@ -192,7 +193,7 @@ def _one_step_in_each_process(batches: dict) -> dict:
     produced = {}
     for name, batch_size, model, options in ONE_STEP_CASES:
         torch.manual_seed(0)
-        net, optimizer = _build(one_step_config(model, options), torch.device("cpu"))
+        net, optimizer = build(one_step_config(model, options), torch.device("cpu"))
         net = convert_sync_batchnorm(net)
         assert any(isinstance(m, SyncBatchNorm) for m in net.modules())
         totals = data_parallel_step(DistributedDataParallel(net), optimizer, *batches[name])
@@ -214,7 +215,7 @@ def test_one_data_parallel_step_equals_the_one_process_step(one_step, case):
     batches, produced, _ = one_step
     x, y = batches[name]
     torch.manual_seed(0)
-    net, optimizer = _build(one_step_config(model, options), torch.device("cpu"))
+    net, optimizer = build(one_step_config(model, options), torch.device("cpu"))
     logits = net(x)
     loss = torch.nn.functional.cross_entropy(logits, y)
     optimizer.zero_grad()

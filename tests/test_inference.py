@@ -13,7 +13,7 @@ import bnlab.nn as bnn
 from bnlab import data
 from bnlab.bench import bench_infer
 from bnlab.cli import main
-from bnlab.train import TrainConfig, load_checkpoint, train
+from bnlab.training import TrainConfig, load_checkpoint, train
 
 LAYERS = {  # (affine layer, input shape, its BN) per rank
     "conv1d": (lambda bias: nn.Conv1d(3, 5, 3, bias=bias), (6, 3, 9), {"bnlab": bnn.BatchNorm1d, "torch": nn.BatchNorm1d}),

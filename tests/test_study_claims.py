@@ -23,7 +23,7 @@ from bnlab.studies.batch_size import FULL_PLAN, QUICK_PLAN, validation_split
 from bnlab.studies import layer_norm
 from bnlab.studies.depth import deep_mlp
 from bnlab.studies.population_stats import evaluate_with_batch_statistics
-from bnlab.studies.runs import with_precise_statistics
+from bnlab.studies.engine import with_precise_statistics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STUDIES = ("batch-size", "population-stats", "depth", "layer-norm")

@@ -13,8 +13,8 @@ import torch
 
 from bnlab import cli
 from bnlab.studies import research, smoothness
-from bnlab.studies.core import RunContext
-from bnlab.studies.custom_runs import Hooks, LoopSpec, train_with_hooks
+from bnlab.studies.engine import LoopSpec, RunContext, train_with_hooks
+from bnlab.training import Hooks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -266,8 +266,8 @@ def test_custom_run_resumes_to_the_uninterrupted_result(tmp_path):
     with pytest.raises(_Stop):
         train_with_hooks(SMALL, _context(tmp_path / "cut"), _StopAt(step=10))  # in epoch 2 (8 steps per epoch)
     resumed = train_with_hooks(SMALL, _context(tmp_path / "cut"))
-    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in straight.history]
-    assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history] == strip
+    strip = [{k: v for k, v in h.items() if k != "examples_per_sec"} for h in straight.history]
+    assert [{k: v for k, v in h.items() if k != "examples_per_sec"} for h in resumed.history] == strip
     for name, tensor in straight.net.state_dict().items():
         assert torch.equal(tensor, resumed.net.state_dict()[name]), name
 

@@ -1,6 +1,7 @@
 """The trainer and the `bnlab` command on the real Fashion-MNIST: run directory, resume, determinism,
 divergence, locking, presets, and the one-line errors of a user's mistakes."""
 
+import argparse
 import csv
 import json
 import math
@@ -10,8 +11,8 @@ import torch
 
 from bnlab import data
 from bnlab.cli import main
-from bnlab.train import (METRIC_COLUMNS, Diverged, PRESETS, TrainConfig, load_checkpoint, read_metrics, run_lock,
-                         train)
+from bnlab.training import Diverged, PRESETS, TrainConfig, load_checkpoint, read_metrics, train
+from bnlab.training.rundir import METRIC_COLUMNS, run_lock
 
 SMALL = {"train_subset": 3000, "test_subset": 1000}
 
@@ -143,6 +144,10 @@ def test_cli_train_inspect_evaluate(tmp_path, capsys, dataset):
     (["evaluate", "/nonexistent/run"], "no bnlab run in /nonexistent/run"),
     (["study", "nope"], "unknown study 'nope'"),
     (["bench", "op", "--shapes", "12xbanana"], "expected a shape like 256x6x24x24"),
+    (["train", "--bn-momentum", "1.5"], "BN momentum must be in [0, 1]"),
+    (["train", "--bn-eps", "0"], "bn-eps: must be a positive number"),
+    (["train", "--model", "bn-lenet-chapter", "--bn-momentum", "0.2"], "momentum and eps are fixed in its code"),
+    (["train", "--model", "lenet", "--bn-eps", "1e-3"], "no batch norm layer to take --bn-momentum/--bn-eps"),
 ])
 def test_cli_user_mistakes_are_one_line_with_exit_code_2(args, fragment, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -157,3 +162,50 @@ def test_cli_divergence_is_one_line_and_nonzero(tmp_path, capsys, dataset):
     code, _, err = run_cli(["train", "--model", "lenet", "--lr", "1e6", "--epochs", "1", "--train-subset", "2000",
                             "--test-subset", "500", "--no-download", "--out", str(tmp_path / "run")], capsys)
     assert code == 3 and "training diverged at epoch 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bn_momentum_and_eps_reach_every_bn_layer_and_the_running_statistics(tmp_path, capsys, dataset):
+    from bnlab.models import norm_layers
+    from bnlab.training.loop import build, epoch_seed
+
+    out = tmp_path / "run"
+    code, _, _ = run_cli(["train", "--bn-momentum", "0.5", "--bn-eps", "0.01", "--epochs", "1", "--train-subset", "128",
+                          "--test-subset", "256", "--no-download", "--out", str(out)], capsys)
+    assert code == 0
+    stored = json.loads((out / "config.json").read_text())["config"]
+    assert (stored["bn_momentum"], stored["bn_eps"]) == (0.5, 0.01)
+    torch.manual_seed(0)  # the run's initial network, built as the trainer builds it
+    net, _ = build(TrainConfig(bn_momentum=0.5, bn_eps=0.01), torch.device("cpu"))
+    layers = [layer for _, layer in norm_layers(net)]
+    assert len(layers) == 4 and all((layer.momentum, layer.eps) == (0.5, 0.01) for layer in layers)
+    # One batch of 128, one step: conv1's BN running mean is 0.5 x that batch's mean (torch's default: 0.1 x).
+    sets = dataset.subset(128, 256, seed=0)
+    x, _ = next(data.batches(sets.train_images, sets.train_labels, 128, shuffle=True, seed=epoch_seed(0, 1)))
+    batch_mean = net[0](x).mean(dim=(0, 2, 3)).detach()
+    torch.testing.assert_close(load_checkpoint(out)["model"]["1.running_mean"], 0.5 * batch_mean)
+
+
+def test_compile_trains_as_eager_and_saves_plain_keys(tmp_path, dataset):
+    common = dict(model="lenet", epochs=1, train_subset=512, test_subset=256)
+    eager = quiet_train(TrainConfig(out=str(tmp_path / "eager"), **common), dataset=dataset)
+    compiled = quiet_train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **common), dataset=dataset)
+    keys = set(load_checkpoint(tmp_path / "compiled")["model"])
+    assert keys == set(load_checkpoint(tmp_path / "eager")["model"]) and not any("_orig_mod" in k for k in keys)
+    for got, want in zip(metrics_without_speed(compiled.history), metrics_without_speed(eager.history)):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_every_cli_option_says_its_default():
+    from bnlab.cli import build_parser
+
+    def options(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from options(sub)
+            elif action.option_strings and action.dest != "help":
+                yield parser.prog, action
+
+    missing = [f"{prog} {action.option_strings[0]}" for prog, action in options(build_parser())
+               if "default" not in (action.help or "")]
+    assert missing == []

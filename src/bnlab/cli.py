@@ -60,17 +60,19 @@ def _set_threads(threads: Optional[int]) -> None:
 
 # Options of `bnlab train` that map onto TrainConfig fields of the same name.
 _TRAIN_FIELDS = ("model", "pool", "epochs", "lr", "batch_size", "seed", "device", "momentum", "weight_decay",
-                 "threads", "nproc", "data_dir", "train_subset", "test_subset", "out")
+                 "bn_momentum", "bn_eps", "threads", "nproc", "data_dir", "train_subset", "test_subset", "out")
 
 
 def _train_config(args):
-    from bnlab.train import TrainConfig, load_config, with_preset
+    from bnlab.training import TrainConfig, load_config, with_preset
 
     given = {name: getattr(args, name) for name in _TRAIN_FIELDS if getattr(args, name) is not None}
     if args.no_download:
         given["download"] = False
     if args.precise_stats:
         given["precise_stats"] = True
+    if args.compile:
+        given["compile"] = True
     if args.resume:
         if not args.out:
             raise UsageError("--resume needs --out RUN_DIR: the run to continue")
@@ -83,7 +85,7 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from bnlab.train import Diverged, train
+    from bnlab.training import Diverged, train
 
     config = _train_config(args)
     try:
@@ -99,11 +101,13 @@ def cmd_train(args) -> int:
 
 def _load_run(run_dir):
     from bnlab.models import build_model
-    from bnlab.train import load_checkpoint, load_config
+    from bnlab.training import load_checkpoint, load_config
+    from bnlab.training.loop import set_bn_hyperparameters
 
     config = load_config(run_dir)
     state = load_checkpoint(run_dir)
     net = build_model(config.model, pool=config.pool, **config.model_options)
+    set_bn_hyperparameters(net, config.bn_momentum, config.bn_eps)  # eps is not in the state dict
     net.load_state_dict(state["model"])
     return config, net.eval(), state
 
@@ -135,7 +139,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from bnlab import data
-    from bnlab.train import evaluate, read_metrics, resolve_device
+    from bnlab.training import evaluate, read_metrics, resolve_device
 
     config, net, state = _load_run(args.run)
     device = resolve_device(args.device or config.device)
@@ -210,8 +214,9 @@ def cmd_bench_op(args) -> int:
     env = bench.environment()
     print(f"bnlab bench op: training forward + backward, float32, {env['threads']} threads, "
           f"torch {env['torch']}, {env['cpu']}, bnlab kernels: {env['bnlab_backend']}")
-    print(bench.OP_HEADER)
-    results = bench.bench_op(args.shapes or bench.OP_SHAPES, args.repeats, args.channels_last, progress=print)
+    print(bench.OP_HEADER + (bench.COMPILED_HEADER if args.compile else ""))
+    results = bench.bench_op(args.shapes or bench.OP_SHAPES, args.repeats, args.channels_last, progress=print,
+                             compile=args.compile)
     if args.markdown:
         print()
         print(bench.op_markdown(results))
@@ -221,6 +226,11 @@ def cmd_bench_op(args) -> int:
     slower = [r for r in results if r.speedup_vs_native < 1.0]
     print("bnlab is at least as fast as native on every shape" if not slower else
           "bnlab is slower than native on: " + ", ".join("x".join(map(str, r.shape)) for r in slower))
+    if args.compile:
+        slower = [r for r in results if r.compiled_speedup < 1.0]
+        print("compiled bnlab is at least as fast as compiled native on every shape" if not slower else
+              "compiled bnlab is slower than compiled native on: "
+              + ", ".join("x".join(map(str, r.shape)) for r in slower))
     return 0
 
 
@@ -233,9 +243,11 @@ def cmd_bench_train(args) -> int:
     print(f"bnlab bench train: batch {args.batch_size}, {args.rounds} rounds of {args.batches} batches per model, "
           f"{env['threads']} threads, torch {env['torch']}, {env['cpu']}, bnlab kernels: {env['bnlab_backend']}")
     results = bench.bench_train(dataset, args.models or bench.TRAIN_MODELS, args.batch_size, args.rounds, args.batches)
-    print(f"{'model':>18} {'examples/s':>11} {'vs bn-lenet-torch':>18} {'last loss':>10}")
+    print(f"{'model':>24} {'examples/s':>11} {'vs bn-lenet-torch':>18} {'last loss':>10}")
     for r in results:
-        print(f"{r.model:>18} {r.examples_per_sec:11,.0f} {r.vs_torch:17.2f}x {r.final_loss:10.3f}")
+        print(f"{r.model:>24} {r.examples_per_sec:11,.0f} {r.vs_torch:17.2f}x {r.final_loss:10.3f}")
+    for model, mode in bench.best_modes(results).items():
+        print(f"best mode for {model}: {mode}")
     if args.json:
         bench.save_results(args.json, "train", results, {"batch_size": args.batch_size})
         print(f"results written to {args.json}")
@@ -277,13 +289,6 @@ def cmd_kernels(args) -> int:
 # ---- parser -----------------------------------------------------------------------------------------
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -293,32 +298,49 @@ def positive_float(text: str) -> float:
 
 def _add_train_parser(sub) -> None:
     from bnlab.models import MODELS
-    from bnlab.train import PRESETS
+    from bnlab.training import PRESETS, TrainConfig
 
     p = sub.add_parser("train", help="train a LeNet on Fashion-MNIST (defaults: the chapter's current edition)",
                        description="Train a LeNet of the family on Fashion-MNIST. Defaults are the current "
                                    "edition's: bn-lenet, average pooling, lr 0.1, batch 128, 10 epochs.")
-    p.add_argument("--model", choices=sorted(MODELS), help="default bn-lenet")
+    default = TrainConfig()
+    p.add_argument("--model", choices=sorted(MODELS), help=f"the network (default {default.model})")
     p.add_argument("--pool", choices=["avg", "max"], help="pooling: avg (current edition, default) or max (older)")
-    p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--lr", type=positive_float, help="learning rate")
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
-    p.add_argument("--weight-decay", type=float, help="default 0")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda[:N] or auto (default)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (per process)")
+    p.add_argument("--epochs", type=positive_int, help=f"epochs to train (default: the preset's, {default.epochs})")
+    p.add_argument("--lr", type=positive_float, help=f"SGD learning rate (default: the preset's, {default.lr:g})")
+    p.add_argument("--batch-size", type=positive_int, help=f"minibatch size (default: the preset's, {default.batch_size})")
+    p.add_argument("--momentum", type=float, help=f"SGD momentum, not BN's (default {default.momentum:g})")
+    p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {default.weight_decay:g})")
+    p.add_argument("--bn-momentum", type=float, metavar="M",
+                   help="every BN layer's momentum in torch's convention, running = (1-M)*running + M*batch "
+                        "(default: the layers' own, 0.1)")
+    p.add_argument("--bn-eps", type=positive_float, metavar="EPS",
+                   help="every BN layer's eps, added to the variance (default: the layers' own, 1e-5)")
+    p.add_argument("--seed", type=int, help=f"seed of the initialization and the data order (default {default.seed})")
+    p.add_argument("--device", help=f"cpu, cuda[:N] or auto (default {default.device}: CUDA when there is one)")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch CPU threads per process (default: torch's; with --nproc, cores / N)")
     p.add_argument("--nproc", type=positive_int, metavar="N",
-                   help="train data-parallel in N processes with synchronized batch norm (gloo on CPU, NCCL on CUDA)")
-    p.add_argument("--data-dir", help="where the Fashion-MNIST files are (or go)")
-    p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
-    p.add_argument("--train-subset", type=positive_int, metavar="N", help="train on a random N examples")
-    p.add_argument("--test-subset", type=positive_int, metavar="N", help="test on a random N examples")
+                   help="train data-parallel in N processes with synchronized batch norm (gloo on CPU, NCCL on "
+                        f"CUDA; default {default.nproc})")
+    p.add_argument("--compile", action="store_true",
+                   help="train the model wrapped in torch.compile (default: eager)")
+    p.add_argument("--data-dir", help="where the Fashion-MNIST files are, or go (default: the lookup order of "
+                                      "`bnlab data status`)")
+    p.add_argument("--no-download", action="store_true",
+                   help="fail instead of downloading missing data (default: download)")
+    p.add_argument("--train-subset", type=positive_int, metavar="N",
+                   help="train on a random N examples (default: all 60000)")
+    p.add_argument("--test-subset", type=positive_int, metavar="N",
+                   help="test on a random N examples (default: all 10000)")
     p.add_argument("--out", help="run directory (default runs/<model>-...-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (default: start a new run)")
     p.add_argument("--precise-stats", action="store_true",
-                   help="after the last epoch, replace the BN moving averages by exact training-set statistics")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="current (lr 0.1, batch 128) or classic (lr 1.0, batch 256)")
+                   help="after the last epoch, replace the BN moving averages by exact training-set statistics "
+                        "(default: keep the moving averages)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="current (lr 0.1, batch 128; the default) or classic (lr 1.0, batch 256)")
     p.set_defaults(func=cmd_train)
 
 
@@ -329,63 +351,73 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="print the learned gamma/beta and running statistics of a run")
     inspect.add_argument("run", help="a run directory")
-    inspect.add_argument("--full", action="store_true", help="print every value")
+    inspect.add_argument("--full", action="store_true", help="print every value (default: the first 8 of long ones)")
     inspect.set_defaults(func=cmd_inspect)
 
     evaluate = sub.add_parser("evaluate", help="recompute a run's test metrics from its checkpoint")
     evaluate.add_argument("run", help="a run directory")
-    evaluate.add_argument("--device", help="default: the run's")
-    evaluate.add_argument("--data-dir")
-    evaluate.add_argument("--no-download", action="store_true")
+    evaluate.add_argument("--device", help="cpu, cuda[:N] or auto (default: the run's)")
+    evaluate.add_argument("--data-dir", help="where the Fashion-MNIST files are (default: the run's)")
+    evaluate.add_argument("--no-download", action="store_true", help="fail instead of downloading (default: download)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     data = sub.add_parser("data", help="the Fashion-MNIST files: status, download, verify")
-    data.add_argument("action", nargs="?", choices=["status", "download", "verify"], default="status")
-    data.add_argument("--data-dir", help="a directory to use instead of the lookup order")
+    data.add_argument("action", nargs="?", choices=["status", "download", "verify"], default="status",
+                      help="where the files are (default), fetch them, or check their sha256")
+    data.add_argument("--data-dir", help="a directory to use instead of the lookup order (default: the lookup order)")
     data.set_defaults(func=cmd_data)
 
     study = sub.add_parser("study", help="run a study that answers one of the chapter's questions",
                            description="Run a study and write DIR/report.md; `bnlab study list` names them.")
     study.add_argument("name", help="a study name, or `list`")
-    study.add_argument("--quick", action="store_true", help="the reduced version (subset, fewer epochs, one seed)")
-    study.add_argument("--seeds", type=positive_int, help="seeds per configuration (default: the study's)")
-    study.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
+    study.add_argument("--quick", action="store_true",
+                       help="the reduced version: subset, fewer epochs, one seed (default: the full study)")
+    study.add_argument("--seeds", type=positive_int, help="seeds per configuration (default: the study's; 1 with --quick)")
+    study.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes (default 1)")
     study.add_argument("--out", help="output directory (default studies/NAME, or studies/NAME-quick)")
-    study.add_argument("--data-dir")
-    study.add_argument("--no-download", action="store_true")
+    study.add_argument("--data-dir", help="where the Fashion-MNIST files are (default: the lookup order)")
+    study.add_argument("--no-download", action="store_true", help="fail instead of downloading (default: download)")
     study.set_defaults(func=cmd_study)
 
     bench = sub.add_parser("bench", help="benchmarks against peers measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH", parser_class=OneLineParser)
     op = bench_sub.add_parser("op", help="batch norm forward+backward: bnlab vs native vs the chapter's code")
     op.add_argument("--shapes", type=shape_arg, nargs="+", help="shapes like 256x6x24x24 (default: LeNet + ResNet)")
-    op.add_argument("--repeats", type=positive_int, default=25, help="timed samples per implementation")
+    op.add_argument("--repeats", type=positive_int, default=30, help="timed samples per implementation (default 30)")
     op.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
-    op.add_argument("--channels-last", action="store_true", help="4D inputs in channels-last layout")
-    op.add_argument("--markdown", action="store_true", help="also print a Markdown table")
-    op.add_argument("--json", help="write the results to this JSON file")
+    op.add_argument("--channels-last", action="store_true",
+                    help="4D inputs in channels-last layout (default: contiguous)")
+    op.add_argument("--compile", action="store_true",
+                    help="also time torch.compile of native and of bnlab batch norm (default: off)")
+    op.add_argument("--markdown", action="store_true", help="also print a Markdown table (default: off)")
+    op.add_argument("--json", help="write the results to this JSON file (default: none)")
     op.set_defaults(func=cmd_bench_op)
     tr = bench_sub.add_parser("train", help="training examples/s: bn-lenet vs bn-lenet-torch vs the chapter's code")
-    tr.add_argument("--models", nargs="+", default=None, help="models to compare (default: the BN LeNets and lenet)")
-    tr.add_argument("--batch-size", type=positive_int, default=128)
-    tr.add_argument("--rounds", type=positive_int, default=15, help="turns each model gets")
-    tr.add_argument("--batches", type=positive_int, default=20, help="batches per turn")
-    tr.add_argument("--threads", type=positive_int)
-    tr.add_argument("--data-dir")
-    tr.add_argument("--no-download", action="store_true")
-    tr.add_argument("--json", help="write the results to this JSON file")
+    tr.add_argument("--models", nargs="+", default=None,
+                    help="models to compare; NAME+compile runs NAME under torch.compile (default: the BN LeNets, "
+                         "lenet, bn-lenet+compile and bn-lenet-torch+compile)")
+    tr.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default 128)")
+    tr.add_argument("--rounds", type=positive_int, default=15, help="turns each model gets (default 15)")
+    tr.add_argument("--batches", type=positive_int, default=20, help="batches per turn (default 20)")
+    tr.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    tr.add_argument("--data-dir", help="where the Fashion-MNIST files are (default: the lookup order)")
+    tr.add_argument("--no-download", action="store_true", help="fail instead of downloading (default: download)")
+    tr.add_argument("--json", help="write the results to this JSON file (default: none)")
     tr.set_defaults(func=cmd_bench_train)
     inf = bench_sub.add_parser("infer", help="eval forward before/after folding BN into the conv/linear layers")
-    inf.add_argument("--models", nargs="+", default=["bn-lenet", "bn-lenet-torch"])
-    inf.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 64, 1024])
-    inf.add_argument("--repeats", type=positive_int, default=25)
-    inf.add_argument("--threads", type=positive_int)
-    inf.add_argument("--json", help="write the results to this JSON file")
+    inf.add_argument("--models", nargs="+", default=["bn-lenet", "bn-lenet-torch"],
+                     help="models to compare (default bn-lenet bn-lenet-torch)")
+    inf.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 64, 1024],
+                     help="batch sizes (default 1 64 1024)")
+    inf.add_argument("--repeats", type=positive_int, default=30, help="timed samples per case (default 30)")
+    inf.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    inf.add_argument("--json", help="write the results to this JSON file (default: none)")
     inf.set_defaults(func=cmd_bench_infer)
 
     kern = sub.add_parser("kernels", help="the compiled CPU kernels: status, or build them now")
-    kern.add_argument("action", nargs="?", choices=["status", "build"], default="status")
-    kern.add_argument("--force", action="store_true", help="rebuild even if cached")
+    kern.add_argument("action", nargs="?", choices=["status", "build"], default="status",
+                      help="show the kernels' state (default) or build them now")
+    kern.add_argument("--force", action="store_true", help="rebuild even if cached (default: reuse the cache)")
     kern.set_defaults(func=cmd_kernels)
     return parser
 

@@ -1,12 +1,12 @@
 """The chapter's claims and exercises answered by reproducible studies: `bnlab study NAME`.
 
-Each study module defines one `Study` (its runs and how to analyse them); `STUDIES` maps the fixed
-names to them. See `bnlab.studies.core` for the cache, the parallel runner and the report.
+Each study module defines one `Study` (its runs, the run functions they use, and how to analyse
+them); `STUDIES` maps the fixed names to them. `bnlab.studies.engine` holds what they are built on:
+the cache and the parallel runner, statistics over seeds, the report and the plots.
 """
 
-from bnlab.studies import runs as _runs  # noqa: F401  (registers the shared run kinds)
 from bnlab.studies.compare import Compare
-from bnlab.studies.core import Settings, Study, run_study
+from bnlab.studies.engine import Settings, Study, run_study
 from bnlab.studies.lr_sweep import LrSweep
 from bnlab.studies.bias import Bias
 from bnlab.studies.dropout import Dropout

@@ -4,7 +4,7 @@ BN-LeNet (bnlab's BN after every layer) is trained at batch sizes from 2 to 512 
 of epochs on the same training examples, so every size sees the same data the same number of times
 (small batches take more, noisier steps). Each size gets its own learning rate, tuned over the grid
 scaled_lr(batch) x 2^k, k = -3..3 (square-root scaling from the current edition's 0.1 at batch 128; see
-`claims_common.scaled_lr`). The rate is chosen by the final accuracy on a validation split held out
+`engine.presets.scaled_lr`). The rate is chosen by the final accuracy on a validation split held out
 from the training set (mean over seeds; a rate with a diverged seed is never chosen), never by test
 accuracy; the report gives the test accuracy of the chosen rate, mean ± std over seeds. A chosen rate
 at the edge of its grid is flagged: the best rate may lie beyond it.
@@ -34,11 +34,10 @@ from typing import Optional
 import torch
 
 from bnlab.data import FashionMNIST
-from bnlab.studies.claims_common import plot_against_batch_size, round_lr, scaled_lr
-from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                mean_std, pyplot, run_kind, save_figure)
-from bnlab.studies.runs import train_run, trained_network, with_precise_statistics
-from bnlab.train import EVAL_BATCH_SIZE, evaluate
+from bnlab.studies.engine import (Outcome, Report, Run, RunContext, Settings, Study, Verdict, difference, fmt,
+                                  markdown_table, mean_std, plot_against_batch_size, pyplot, round_lr, save_figure,
+                                  scaled_lr, train_run, trained_network, with_precise_statistics)
+from bnlab.training import EVAL_BATCH_SIZE, evaluate
 
 FULL_SIZES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 QUICK_SIZES = (2, 8, 64, 256)
@@ -109,7 +108,6 @@ class _SplitContext(RunContext):
         return self.fit
 
 
-@run_kind("batch-size-train")
 def train_with_validation(params: dict, context: RunContext) -> dict:
     """The shared "train" run on the validation split, then the accuracies of its final network.
 
@@ -137,7 +135,6 @@ def train_with_validation(params: dict, context: RunContext) -> dict:
     return {"status": result["status"], "curve": curve, **accuracies, **extra}
 
 
-@run_kind("batch-one-refusal")
 def batch_one_refusal(params: dict, context: RunContext) -> dict:
     """Ask bnlab's trainer for BN-LeNet (BN on every layer, linear ones included) at batch size 1.
 
@@ -183,6 +180,7 @@ class BatchSize(Study):
     question = ("Does BN-LeNet work best with minibatches of 50–100, as the chapter says, when every batch size "
                 "gets the same epochs and its own tuned learning rate; and what happens at batch size 1?")
     full_runtime = "about 40 minutes on 2 cores (193 runs of 5 epochs on 10240 examples, --jobs 2)"
+    run_kinds = {"batch-size-train": train_with_validation, "batch-one-refusal": batch_one_refusal}
 
     @staticmethod
     def plan(settings: Settings) -> Plan:
@@ -218,17 +216,7 @@ class BatchSize(Study):
         batch_one_runs = by_config[(1, batch_one_lr, True)]
         batch_one = test_accuracies(batch_one_runs)
 
-        rows = []
-        for size in sizes:
-            grid_text = ", ".join(f"{lr:g}: {validation_text(by_config[(size, lr, False)])}"
-                                  for lr in plan.lr_grid(size))
-            chosen_text = (f"{chosen[size]:g}" + (" (edge)" if plan.at_edge(size, chosen[size]) else "")
-                           if chosen[size] else "none (all diverged)")
-            rows.append([size, grid_text, chosen_text, fmt(test[size]), fmt(test_moving[size]),
-                         fmt([r["curve"][-1]["train_loss"] for r in picked[size]]),
-                         fmt([examples_per_sec(r) for r in picked[size]], 0)])
-        table = markdown_table(["batch", "validation acc per lr", "chosen lr", "test acc", "test acc, moving averages",
-                                "train loss", "examples/s"], rows)
+        table = self._table(plan, by_config, chosen, picked, test, test_moving)
         batch_one_rows = markdown_table(
             ["batch", "model", "lr", "test acc", "test acc, moving averages", "train loss"],
             [[1, "BN on the convolutions only (placement conv)", f"{batch_one_lr:g}", fmt(batch_one),
@@ -241,28 +229,10 @@ class BatchSize(Study):
         conclusions += self._batch_of_one(refusal, batch_one, test, sizes)
         conclusions += self._edges(plan, chosen, by_config)
         plots = [self._plot(plan, test, test_moving, by_config, batch_one, settings)]
-        split = plan.split
         return Report(
             title="batch-size: is 50–100 the best minibatch size for batch normalization?",
             question=self.question,
-            settings={
-                "data": (f"Fashion-MNIST: {split['train_examples']} training and {split['validation_examples']} "
-                         f"validation examples, disjoint seeded draws (seed {SPLIT_SEED}) from the training set; "
-                         f"test set: {split['test_examples'] or 'all 10000'} examples"),
-                "model": "bn-lenet (sigmoid, average pooling, bnlab's BN after every conv and linear layer)",
-                "optimizer": "plain SGD, no momentum",
-                "epochs": f"{plan.epochs} at every batch size (matched epochs: the same examples seen as often)",
-                "learning-rate grid": f"0.1 * sqrt(batch / 128) x {', '.join(f'{f:g}' for f in plan.lr_factors)}, "
-                                      "3 significant digits",
-                "prediction": (f"precise statistics: every BN's running statistics recomputed exactly over the "
-                               f"{split['train_examples']} training examples, in batches of {PRECISE_BATCH}; the "
-                               "accuracy with the moving averages (momentum 0.1) is reported beside it"),
-                "selection": "the rate with the best mean final validation accuracy over seeds (precise statistics; "
-                             "a rate with a diverged seed is excluded); test accuracy is reported for that rate only",
-                "seeds": len(settings.seed_list(FULL_SEEDS)),
-                "batch of one": (f"bn-lenet asked of the trainer at batch 1; a LeNet with BN on its convolutions "
-                                 f"only trained at batch 1, lr {batch_one_lr:g} (the rule's value, not tuned)"),
-            },
+            settings=self._fixed_settings(plan, settings, batch_one_lr),
             varied={"batch size": sizes},
             sections=[("Results per batch size (final epoch; accuracy with precise statistics unless the column "
                        "says otherwise; test accuracy at the chosen rate; mean ± std over seeds)", table),
@@ -271,6 +241,42 @@ class BatchSize(Study):
             conclusions=conclusions,
             plots=plots,
         )
+
+    @staticmethod
+    def _table(plan, by_config, chosen, picked, test, test_moving) -> str:
+        rows = []
+        for size in plan.sizes:
+            grid_text = ", ".join(f"{lr:g}: {validation_text(by_config[(size, lr, False)])}"
+                                  for lr in plan.lr_grid(size))
+            chosen_text = (f"{chosen[size]:g}" + (" (edge)" if plan.at_edge(size, chosen[size]) else "")
+                           if chosen[size] else "none (all diverged)")
+            rows.append([size, grid_text, chosen_text, fmt(test[size]), fmt(test_moving[size]),
+                         fmt([r["curve"][-1]["train_loss"] for r in picked[size]]),
+                         fmt([examples_per_sec(r) for r in picked[size]], 0)])
+        return markdown_table(["batch", "validation acc per lr", "chosen lr", "test acc", "test acc, moving averages",
+                               "train loss", "examples/s"], rows)
+
+    @staticmethod
+    def _fixed_settings(plan, settings: Settings, batch_one_lr: float) -> dict:
+        split = plan.split
+        return {
+            "data": (f"Fashion-MNIST: {split['train_examples']} training and {split['validation_examples']} "
+                     f"validation examples, disjoint seeded draws (seed {SPLIT_SEED}) from the training set; "
+                     f"test set: {split['test_examples'] or 'all 10000'} examples"),
+            "model": "bn-lenet (sigmoid, average pooling, bnlab's BN after every conv and linear layer)",
+            "optimizer": "plain SGD, no momentum",
+            "epochs": f"{plan.epochs} at every batch size (matched epochs: the same examples seen as often)",
+            "learning-rate grid": f"0.1 * sqrt(batch / 128) x {', '.join(f'{f:g}' for f in plan.lr_factors)}, "
+                                  "3 significant digits",
+            "prediction": (f"precise statistics: every BN's running statistics recomputed exactly over the "
+                           f"{split['train_examples']} training examples, in batches of {PRECISE_BATCH}; the "
+                           "accuracy with the moving averages (momentum 0.1) is reported beside it"),
+            "selection": "the rate with the best mean final validation accuracy over seeds (precise statistics; "
+                         "a rate with a diverged seed is excluded); test accuracy is reported for that rate only",
+            "seeds": len(settings.seed_list(FULL_SEEDS)),
+            "batch of one": (f"bn-lenet asked of the trainer at batch 1; a LeNet with BN on its convolutions "
+                             f"only trained at batch 1, lr {batch_one_lr:g} (the rule's value, not tuned)"),
+        }
 
     @staticmethod
     def _best(sizes, test) -> Optional[int]:
@@ -284,7 +290,7 @@ class BatchSize(Study):
         ranked = [size for size in sizes if test[size]]
         inside = [size for size in ranked if SWEET_SPOT[0] <= size <= SWEET_SPOT[1]]
         text = f"The best batch size is {best} (test accuracy {fmt(test[best])} at its chosen rate)"
-        near = [size for size in ranked if size != best and difference(test[best], test[size])[1] == "within noise"]
+        near = [size for size in ranked if size != best and difference(test[best], test[size])[1] == Verdict.WITHIN_NOISE]
         if near:
             text += f"; within seed noise of it: {', '.join(map(str, near))}"
         if best in inside:
@@ -293,9 +299,9 @@ class BatchSize(Study):
             return [f"{text}; no tested size lies in 50–100, so the sweet spot is not tested."]
         gap, how = difference(test[best], test[inside[0]])
         verdict = {
-            "clear": "the chapter's 50–100 sweet spot does not hold here",
-            "within noise": "the sweet spot is not contradicted, but the data do not single it out either",
-            "single seed": "with one seed per size there is no noise estimate to judge it (use --seeds 2 or more)",
+            Verdict.CLEAR: "the chapter's 50–100 sweet spot does not hold here",
+            Verdict.WITHIN_NOISE: "the sweet spot is not contradicted, but the data do not single it out either",
+            Verdict.SINGLE_SEED: "with one seed per size there is no noise estimate to judge it (use --seeds 2 or more)",
         }[how]
         return [f"{text}. Batch {inside[0]}, the tested size in 50–100, trails it by {gap:.3f} ({how}): {verdict}."]
 

@@ -32,12 +32,11 @@ from torch import nn
 
 from bnlab import data
 from bnlab.models import NORM_SITES, build_model, norm_layers
-from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                pyplot, run_kind, save_figure)
-from bnlab.studies.exercise_common import (FULL_SEEDS, MODEL, config_name, finals, fixed_settings, group_results,
-                                           plot_curves_by_preset, preset_of, training_params)
-from bnlab.studies.runs import trained_network, training_data
-from bnlab.train import PRESETS, epoch_seed
+from bnlab.studies.engine import (FULL_SEEDS, MODEL, Outcome, Report, Run, RunContext, Settings, Study, Verdict,
+                                  config_name, difference, finals, fixed_settings, fmt, group_results, markdown_table,
+                                  plot_curves_by_preset, preset_of, pyplot, save_figure, trained_network, training_data,
+                                  training_params)
+from bnlab.training import PRESETS, epoch_seed
 
 PROBE_BATCHES = 8
 EQUIVALENCE_SAMPLES = 1000
@@ -125,7 +124,6 @@ def equivalence(trained: nn.Sequential, dataset, params: dict) -> dict[str, floa
     }
 
 
-@run_kind("bias-gradients")
 def bias_gradients_run(params: dict, context: RunContext) -> dict:
     """Train bn-lenet (biases kept) as the "train" kind does, measuring the pre-BN biases before and after.
 
@@ -163,6 +161,7 @@ class Bias(Study):
     question = ("Can we remove the bias of the conv/linear layer before batch normalization: does it get any "
                 "gradient, does accuracy change, what does it save, and what absorbs it?")
     full_runtime = "about 11 minutes on 2 cores (12 runs of 10 epochs, --jobs 2; measured 10.5)"
+    run_kinds = {"bias-gradients": bias_gradients_run}
 
     def runs(self, settings: Settings) -> list[Run]:
         runs = []
@@ -264,7 +263,7 @@ class Bias(Study):
         verdicts = {preset: difference(finals(results[(preset, "kept")], "test_acc"),
                                        finals(results[(preset, "removed")], "test_acc"))[1] for preset in PRESETS}
         cost = ("so removing the bias is effective: it saves parameters at no measurable cost in accuracy"
-                if all(v == "within noise" for v in verdicts.values()) else
+                if all(v == Verdict.WITHIN_NOISE for v in verdicts.values()) else
                 "so whether removing it costs accuracy is not settled by these seeds")
         return (f"The bias before BN gets no gradient, yet runs of the same seed with and without it end up to "
                 f"{paired:.4f} apart in test accuracy (more than {SAME_ACCURACY}): the two computations round "

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from bnlab.studies.core import (Outcome, Report, Run, Settings, Study, difference, fmt, markdown_table, mean_curve,
-                                plot_epoch_curves, pyplot, save_figure)
-from bnlab.studies.runs import final
-from bnlab.train import PRESETS
+from bnlab.studies.engine import (Outcome, Report, Run, Settings, Study, Verdict, difference, final, fmt, markdown_table,
+                                  mean_curve, plot_epoch_curves, pyplot, save_figure)
+from bnlab.training import PRESETS
 
 MODELS = ("lenet", "bn-lenet", "bn-lenet-torch")
 POOLS = ("avg", "max")
@@ -58,34 +57,8 @@ class Compare(Study):
                          fmt(metric(key, "examples_per_sec"), 0)])
         table = markdown_table(["preset", "pooling", "model", "test acc", "train loss", "examples/s"], rows)
 
-        conclusions = []
-        for preset in PRESETS:
-            for pool in POOLS:
-                gain, verdict = difference(metric((preset, pool, "bn-lenet"), "test_acc"),
-                                           metric((preset, pool, "lenet"), "test_acc"))
-                conclusions.append(
-                    f"{preset} preset, {pool} pooling: BN changes final test accuracy by {gain:+.3f} "
-                    f"({fmt(metric((preset, pool, 'bn-lenet'), 'test_acc'))} vs "
-                    f"{fmt(metric((preset, pool, 'lenet'), 'test_acc'))}; {verdict}).")
-        for preset in PRESETS:
-            ours = metric((preset, "avg", "bn-lenet"), "test_acc") + metric((preset, "max", "bn-lenet"), "test_acc")
-            theirs = metric((preset, "avg", "bn-lenet-torch"), "test_acc") + metric((preset, "max", "bn-lenet-torch"), "test_acc")
-            gap, verdict = difference(ours, theirs)
-            paired = [abs(by_seed[(preset, pool, "bn-lenet", seed)] - by_seed[(preset, pool, "bn-lenet-torch", seed)])
-                      for pool in POOLS for seed in settings.seed_list(3)]
-            conclusions.append(f"{preset} preset: bnlab's BN vs torch's built-in BN differ by {gap:+.4f} in mean test "
-                               f"accuracy ({verdict}); run by run, from the same initial weights and data order, their "
-                               f"final test accuracies differ by at most {max(paired):.4f} (the two round differently, "
-                               f"and the difference grows over training): the from-scratch layer "
-                               f"{'matches' if verdict != 'clear' else 'does not match'} the built-in one.")
-        conclusions.append(self._pooling_split(metric))
-        speed = [a / b for a, b in zip(metric(("current", "avg", "bn-lenet"), "examples_per_sec"),
-                                       metric(("current", "avg", "bn-lenet-torch"), "examples_per_sec"))]
-        if speed:
-            conclusions.append(f"Training throughput, current preset: bn-lenet runs at {fmt(speed, 2)}× the examples/s "
-                               f"of bn-lenet-torch (separate runs, which may have shared the machine with others, so load "
-                               "differs between them; `bnlab bench train` compares them side by side).")
-
+        conclusions = (self._bn_gains(metric) + self._bnlab_against_torch(metric, by_seed, settings)
+                       + [self._pooling_split(metric)] + self._throughput(metric))
         plots = [self._plot_bars(metric, settings), self._plot_curves(by_config, settings)]
         return Report(
             title="compare: LeNet with and without batch normalization",
@@ -100,6 +73,45 @@ class Compare(Study):
             conclusions=conclusions,
             plots=plots,
         )
+
+    @staticmethod
+    def _bn_gains(metric) -> list[str]:
+        lines = []
+        for preset in PRESETS:
+            for pool in POOLS:
+                gain, verdict = difference(metric((preset, pool, "bn-lenet"), "test_acc"),
+                                           metric((preset, pool, "lenet"), "test_acc"))
+                lines.append(
+                    f"{preset} preset, {pool} pooling: BN changes final test accuracy by {gain:+.3f} "
+                    f"({fmt(metric((preset, pool, 'bn-lenet'), 'test_acc'))} vs "
+                    f"{fmt(metric((preset, pool, 'lenet'), 'test_acc'))}; {verdict}).")
+        return lines
+
+    @staticmethod
+    def _bnlab_against_torch(metric, by_seed, settings: Settings) -> list[str]:
+        lines = []
+        for preset in PRESETS:
+            ours = metric((preset, "avg", "bn-lenet"), "test_acc") + metric((preset, "max", "bn-lenet"), "test_acc")
+            theirs = metric((preset, "avg", "bn-lenet-torch"), "test_acc") + metric((preset, "max", "bn-lenet-torch"), "test_acc")
+            gap, verdict = difference(ours, theirs)
+            paired = [abs(by_seed[(preset, pool, "bn-lenet", seed)] - by_seed[(preset, pool, "bn-lenet-torch", seed)])
+                      for pool in POOLS for seed in settings.seed_list(3)]
+            matches = "does not match" if verdict == Verdict.CLEAR else "matches"
+            lines.append(f"{preset} preset: bnlab's BN vs torch's built-in BN differ by {gap:+.4f} in mean test "
+                         f"accuracy ({verdict}); run by run, from the same initial weights and data order, their "
+                         f"final test accuracies differ by at most {max(paired):.4f} (the two round differently, "
+                         f"and the difference grows over training): the from-scratch layer {matches} the built-in one.")
+        return lines
+
+    @staticmethod
+    def _throughput(metric) -> list[str]:
+        speed = [a / b for a, b in zip(metric(("current", "avg", "bn-lenet"), "examples_per_sec"),
+                                       metric(("current", "avg", "bn-lenet-torch"), "examples_per_sec"))]
+        if not speed:
+            return []
+        return [f"Training throughput, current preset: bn-lenet runs at {fmt(speed, 2)}× the examples/s "
+                f"of bn-lenet-torch (separate runs, which may have shared the machine with others, so load "
+                "differs between them; `bnlab bench train` compares them side by side)."]
 
     @staticmethod
     def _pooling_split(metric) -> str:

@@ -18,7 +18,7 @@ would fail far earlier without BN.
 Every combination is trained with plain SGD at each rate of LEARNING_RATES; per combination the
 rate with the lowest mean final training loss over seeds is kept (a rate with a diverged seed is
 never kept; training loss judges optimization without looking at the test set). A combination
-trained when, at its kept rate, every seed ends without divergence (bnlab.train's criterion) and with
+trained when, at its kept rate, every seed ends without divergence (bnlab.training's criterion) and with
 test accuracy >= SUCCESS_ACCURACY (five times chance). At initialization the study also measures, on
 one fixed batch in train mode, the gradient norm of every layer's weight. Its ratio first/last layer
 shows gradients vanishing (below VANISHING) or exploding (above EXPLODING) on the way back to the
@@ -39,10 +39,9 @@ from torch import nn
 
 from bnlab import data
 from bnlab.nn import BatchNorm1d
-from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, fmt, markdown_table, mean_std,
-                                pyplot, run_kind, save_figure)
-from bnlab.studies.runs import final
-from bnlab.train import Diverged, sgd_epoch
+from bnlab.studies.engine import (Outcome, Report, Run, RunContext, Settings, Study, final, fmt, markdown_table,
+                                  mean_std, pyplot, save_figure, training_result)
+from bnlab.training import Diverged, Loop
 
 DEPTHS = (10, 30, 100)
 WIDTH = 128
@@ -102,21 +101,18 @@ def gradient_probe(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def train_epochs(net: nn.Module, dataset, lr: float, epochs: int, seed: int) -> dict:
-    """Plain SGD as `bnlab train` does it (`bnlab.train.sgd_epoch`). Returns {"status", "history"[, "diverged"]}."""
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
-    history, first_loss = [], None
-    for epoch in range(1, epochs + 1):
-        try:
-            metrics, first_loss = sgd_epoch(net, optimizer, dataset, batch_size=BATCH_SIZE, seed=seed, epoch=epoch,
-                                            lr=lr, device=torch.device("cpu"), first_loss=first_loss)
-        except Diverged as exc:
-            return {"status": "diverged", "history": history,
-                    "diverged": {"epoch": exc.epoch, "batch": exc.batch, "loss": exc.loss}}
-        history.append(dataclasses.asdict(metrics))
-    return {"status": "ok", "history": history}
+    """Plain SGD in `bnlab train`'s loop (`bnlab.training.Loop`), not checkpointed. Returns
+    {"status", "history"[, "diverged"]}."""
+    loop = Loop(net, torch.optim.SGD(net.parameters(), lr=lr), dataset, torch.device("cpu"), BATCH_SIZE, seed, lr,
+                epochs)
+    history, diverged = [], None
+    try:
+        loop.run(history, None)
+    except Diverged as exc:
+        diverged = exc.where()
+    return training_result([dataclasses.asdict(m) for m in history], diverged)
 
 
-@run_kind("deep-mlp")
 def deep_mlp_run(params: dict, context: RunContext) -> dict:
     """Build `deep_mlp(depth, width, batchnorm, residual)` (seeded), probe its gradients at initialization,
     train it. Not resumable: its longest run (100 layers) takes a few minutes."""
@@ -145,6 +141,7 @@ class Depth(Study):
                 "connections, and what happens to the gradients at initialization?")
     full_runtime = ("about 11 minutes on 2 cores (108 runs of up to 5 epochs on 20000 examples, --jobs 2; diverged runs "
                     "stop early; measured 11)")
+    run_kinds = {"deep-mlp": deep_mlp_run}
 
     def runs(self, settings: Settings) -> list[Run]:
         data_options = QUICK_DATA if settings.quick else FULL_DATA
@@ -165,20 +162,7 @@ class Depth(Study):
         init = {combo: [r["init"] for r in results[(*combo, LEARNING_RATES[0])]] for combo in combos}
         trained = {combo: bool(at_kept[combo]) and all(self._succeeded(r) for r in at_kept[combo]) for combo in combos}
 
-        rows = []
-        for combo in combos:
-            first = geometric_mean([i["grad_norms"][0] for i in init[combo]])
-            ratio = geometric_mean([i["grad_norms"][0] / i["grad_norms"][-1] for i in init[combo]])
-            loss = geometric_mean([i["loss"] for i in init[combo]])
-            per_rate = ", ".join(f"{lr:g}: {self._rate_text(results[(*combo, lr)])}" for lr in LEARNING_RATES)
-            kept_rs = at_kept[combo]
-            rows.append([combo[0], variant_name(*combo[1:]), f"{first:.3g}", f"{ratio:.3g}", f"{loss:.3g}", per_rate,
-                         f"{kept[combo]:g}" if kept[combo] else "—", fmt([final(r, "test_acc") for r in kept_rs]),
-                         f"{sum(map(self._succeeded, kept_rs))}/{len(kept_rs)}" if kept_rs else "0 (diverged)"])
-        table = markdown_table(["layers", "network", "first-layer grad norm at init", "first/last grad ratio",
-                                "initial loss (geometric mean)", "final train loss per lr", "kept lr", "test acc (kept lr)",
-                                "trained seeds"], rows)
-
+        table = self._table(combos, results, kept, at_kept, init)
         conclusions = self._depth_findings(combos, trained, at_kept)
         conclusions += self._gradient_findings(init)
         plots = [self._plot_gradients(init, settings), self._plot_accuracy(at_kept, settings)]
@@ -207,6 +191,21 @@ class Depth(Study):
             conclusions=conclusions,
             plots=plots,
         )
+
+    def _table(self, combos, results, kept, at_kept, init) -> str:
+        rows = []
+        for combo in combos:
+            first = geometric_mean([i["grad_norms"][0] for i in init[combo]])
+            ratio = geometric_mean([i["grad_norms"][0] / i["grad_norms"][-1] for i in init[combo]])
+            loss = geometric_mean([i["loss"] for i in init[combo]])
+            per_rate = ", ".join(f"{lr:g}: {self._rate_text(results[(*combo, lr)])}" for lr in LEARNING_RATES)
+            kept_rs = at_kept[combo]
+            rows.append([combo[0], variant_name(*combo[1:]), f"{first:.3g}", f"{ratio:.3g}", f"{loss:.3g}", per_rate,
+                         f"{kept[combo]:g}" if kept[combo] else "—", fmt([final(r, "test_acc") for r in kept_rs]),
+                         f"{sum(map(self._succeeded, kept_rs))}/{len(kept_rs)}" if kept_rs else "0 (diverged)"])
+        return markdown_table(["layers", "network", "first-layer grad norm at init", "first/last grad ratio",
+                               "initial loss (geometric mean)", "final train loss per lr", "kept lr", "test acc (kept lr)",
+                               "trained seeds"], rows)
 
     @staticmethod
     def _succeeded(result: dict) -> bool:

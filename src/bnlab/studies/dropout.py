@@ -18,12 +18,11 @@ test accuracy; comparisons use `difference`'s verdict.
 
 from __future__ import annotations
 
-from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                mean_std, pyplot, run_kind, save_figure)
-from bnlab.studies.exercise_common import (FULL_SEEDS, NO_NORM, config_name, finals, fixed_settings, group_results,
-                                           plot_bars, plot_curves_by_preset, preset_of, training_params)
-from bnlab.studies.runs import trained_network, training_data
-from bnlab.train import PRESETS, evaluate
+from bnlab.studies.engine import (FULL_SEEDS, NO_NORM, Outcome, Report, Run, RunContext, Settings, Study, Verdict,
+                                  config_name, difference, finals, fixed_settings, fmt, group_results, markdown_table,
+                                  mean_std, plot_bars, plot_curves_by_preset, preset_of, pyplot, save_figure,
+                                  trained_network, training_data, training_params)
+from bnlab.training import PRESETS, evaluate
 
 DROPOUT = 0.5
 # A network whose eval-mode training accuracy is below this (five times chance) has not learned: its gap
@@ -41,7 +40,6 @@ REGULARIZER_CHECKS = (("BN", "bn", "neither"), ("Dropout", "dropout", "neither")
                       ("Dropout on top of BN", "bn+dropout", "bn"))
 
 
-@run_kind("train-set-accuracy")
 def train_set_accuracy_run(params: dict, context: RunContext) -> dict:
     """Train as the "train" kind does; add "train_eval": {"loss", "acc"} of the trained network on its own
     training set in eval mode (absent when the run diverged)."""
@@ -94,6 +92,7 @@ class Dropout(Study):
                 "and test accuracy) as the chapter says?")
     full_runtime = ("about 36 minutes on 2 cores (24 runs of 10 epochs and 12 small-data runs of 100 epochs on 5000 "
                     "examples, --jobs 2; measured 24 + 12)")
+    run_kinds = {"train-set-accuracy": train_set_accuracy_run}
 
     def runs(self, settings: Settings) -> list[Run]:
         return [Run("train-set-accuracy", regime_params(regime, settings, seed, options))
@@ -140,9 +139,9 @@ class Dropout(Study):
 
         rate = f"{regime_title(regime)} ({describe_regime(regime, settings)})"
         replace_gap, replace_verdict = difference(test("bn"), test("dropout"))
-        if replace_verdict == "clear":
+        if replace_verdict == Verdict.CLEAR:
             replaces = "BN beats dropout" if replace_gap > 0 else "BN cannot replace dropout here: it is clearly below it"
-        elif replace_verdict == "within noise":
+        elif replace_verdict == Verdict.WITHIN_NOISE:
             replaces = "BN matches dropout within noise"
         else:
             replaces = "one seed cannot tell whether that is noise"
@@ -170,16 +169,16 @@ class Dropout(Study):
         gap, verdict = difference(gaps(after), gaps(before))
         fit, fit_verdict = difference(train_accuracy(after), train_accuracy(before))
         numbers = f"{label} changes the gap by {gap:+.3f} ({verdict}) and the train accuracy by {fit:+.3f} ({fit_verdict})"
-        if verdict == "single seed":
+        if verdict == Verdict.SINGLE_SEED:
             return f"{numbers}: one seed cannot say whether it regularizes."
-        if verdict == "within noise":
+        if verdict == Verdict.WITHIN_NOISE:
             return f"{numbers}: no regularizing effect beyond seed noise."
-        if gap < 0 and fit_verdict == "clear" and fit < 0:
+        if gap < 0 and fit_verdict == Verdict.CLEAR and fit < 0:
             return f"{numbers}: the gap narrows because the fit worsens, which is underfitting as much as regularization."
         if gap < 0:
             return f"{numbers}: it regularizes, narrowing the gap without a clear loss of fit."
         return f"{numbers}: it widens the gap, so no regularization shows here" + (
-            ", while it fits the training set clearly better." if fit_verdict == "clear" and fit > 0 else ".")
+            ", while it fits the training set clearly better." if fit_verdict == Verdict.CLEAR and fit > 0 else ".")
 
     @staticmethod
     def _plot_gap(results, settings):

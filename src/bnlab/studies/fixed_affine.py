@@ -14,18 +14,16 @@ fixed runs' parameters are read back too: they must still be exactly 1 and 0.
 from __future__ import annotations
 
 from bnlab.models import NORM_SITES, norm_layers
-from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                mean_std, pyplot, run_kind, save_figure)
-from bnlab.studies.exercise_common import (FULL_SEEDS, config_name, finals, fixed_settings, group_results,
-                                           plot_curves_by_preset, preset_of, training_params)
-from bnlab.studies.runs import trained_network
-from bnlab.train import PRESETS
+from bnlab.studies.engine import (FULL_SEEDS, Outcome, Report, Run, RunContext, Settings, Study, Verdict, config_name,
+                                  difference, finals, fixed_settings, fmt, group_results, markdown_table, mean_std,
+                                  plot_curves_by_preset, preset_of, pyplot, save_figure, trained_network,
+                                  training_params)
+from bnlab.training import PRESETS
 
 CONFIGS = {"learned": {}, "fixed": {"learn_affine": False}}
 SMALL_MOVE = 0.1
 
 
-@run_kind("affine-parameters")
 def affine_parameters_run(params: dict, context: RunContext) -> dict:
     """Train as the "train" kind does; add "affine": {site: {"gamma": [...], "beta": [...]}} of the trained
     network's BN layers (absent when the run diverged)."""
@@ -62,6 +60,7 @@ class FixedAffine(Study):
     question = ("What happens when BN's scale gamma and shift beta are fixed at 1 and 0, and how far do they move "
                 "from 1 and 0 when they are learned?")
     full_runtime = "about 14 minutes on 2 cores (12 runs of 10 epochs, --jobs 2; measured 14)"
+    run_kinds = {"affine-parameters": affine_parameters_run}
 
     def runs(self, settings: Settings) -> list[Run]:
         return [Run("affine-parameters", training_params(preset, settings, seed, options))
@@ -94,9 +93,9 @@ class FixedAffine(Study):
     def _accuracy_finding(preset: str, results) -> str:
         learned, fixed = (finals(results[(preset, name)], "test_acc") for name in CONFIGS)
         gap, verdict = difference(fixed, learned)
-        if verdict == "clear":
+        if verdict == Verdict.CLEAR:
             effect = f"fixing them clearly {'costs' if gap < 0 else 'gains'} accuracy"
-        elif verdict == "within noise":
+        elif verdict == Verdict.WITHIN_NOISE:
             effect = "fixing them changes nothing beyond seed noise"
         else:
             effect = "one seed cannot tell whether that is noise"

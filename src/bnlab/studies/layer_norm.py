@@ -14,7 +14,7 @@ Each is trained at the default batch size (128) and at sizes where BN struggles 
 same number of epochs on the same training subset at every size. Matched epochs leave batch 128 with
 few steps (under 400), so each is also trained in the chapter's default setting — batch 128, lr 0.1, the
 whole training set for 10 epochs — which answers "which works best at the default batch size". The learning rate follows one rule
-for every normalization, `claims_common.scaled_lr` (0.1 * sqrt(batch / 128), square-root scaling from
+for every normalization, `engine.presets.scaled_lr` (0.1 * sqrt(batch / 128), square-root scaling from
 the current edition's 0.1 at 128). The metric is the final test accuracy (eval mode), mean ± std over
 seeds; at each batch size the winner is the normalization with the highest mean, and `difference`
 says which others are within seed noise of it.
@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from bnlab.studies.claims_common import plot_against_batch_size, round_lr, scaled_lr
-from bnlab.studies.core import (Outcome, Report, Run, Settings, Study, difference, fmt, markdown_table, mean_curve,
-                                mean_std, plot_epoch_curves, pyplot, save_figure)
-from bnlab.studies.runs import final
+from bnlab.studies.engine import (Outcome, Report, Run, Settings, Study, Verdict, difference, final, fmt,
+                                  markdown_table, mean_curve, mean_std, plot_against_batch_size, plot_epoch_curves,
+                                  pyplot, round_lr, save_figure, scaled_lr)
 
 NORMS = ("batchnorm", "layernorm", "groupnorm", "instancenorm")
 FULL_BATCHES, QUICK_BATCHES = (2, 4, 16, 128), (2, 16, 128)
@@ -147,10 +146,10 @@ class LayerNormStudy(Study):
                 continue
             rival = ranked[0]
             gap, how = difference(accuracy[("batchnorm", column)], accuracy[(rival, column)])
-            if how == "clear":
+            if how == Verdict.CLEAR:
                 relation = "beats" if gap > 0 else "loses to"
             else:
-                relation = "is level with" if how == "within noise" else ("leads" if gap > 0 else "trails")
+                relation = "is level with" if how == Verdict.WITHIN_NOISE else ("leads" if gap > 0 else "trails")
             lines.append(f"At {label(column)}, batch norm {relation} the best batch-independent normalization, "
                          f"{rival} ({gap:+.3f}, {how}).")
         ranks = {column: self._ranked(column, accuracy) for column in columns}

@@ -10,7 +10,7 @@ Metrics: final and best test accuracy, final train loss, and the share of full B
 each half recovers, (acc(half) - acc(none)) / (acc(BN) - acc(none)) on the means over seeds. A half does
 part of the work when it recovers at least WORKING_SHARE and is clearly above no norm, and all of it when
 its difference to full BN is within the seed-to-seed noise. Stability: diverged runs
-(bnlab.train's criterion) and the peak epoch-average train loss; above twice a uniform guess's loss (2 ln 10)
+(bnlab.training's criterion) and the peak epoch-average train loss; above twice a uniform guess's loss (2 ln 10)
 the network is confidently wrong, thrown off even where it does not diverge. Why a half fails: the
 initial network's sigmoid inputs on one training batch — how far off-center each channel sits
 (|mean| / std) and the share of saturated units.
@@ -24,14 +24,12 @@ import torch
 
 from bnlab.data import to_input
 from bnlab.models import NORM_SITES, build_model
-from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                mean_std, run_kind)
-from bnlab.studies.exercise_common import (FULL_SEEDS, LOSS_AND_ACCURACY, MODEL, config_name, diverged_count, finals,
-                                           fixed_settings, gain_columns, group_results, plot_accuracy_by_preset,
-                                           plot_curves_by_preset, preset_of, share_of_gain, training_params)
-from bnlab.studies.custom_runs import activations_at
-from bnlab.studies.runs import best, history_of
-from bnlab.train import PRESETS
+from bnlab.studies.engine import (FULL_SEEDS, LOSS_AND_ACCURACY, MODEL, Outcome, Report, Run, RunContext, Settings,
+                                  Study, Verdict, activations_at, best, config_name, difference, diverged_count, finals,
+                                  fixed_settings, fmt, gain_columns, gain_recovery, group_results, history_of,
+                                  markdown_table, mean_std, plot_accuracy_by_preset, plot_curves_by_preset, preset_of,
+                                  training_params)
+from bnlab.training import PRESETS
 
 CONFIGS = {"batchnorm": {"norm": "batchnorm"}, "mean-only": {"norm": "mean-only"},
            "variance-only": {"norm": "variance-only"}, "none": {"norm": None}}
@@ -52,7 +50,6 @@ PROBE_IMAGES = 256
 SATURATED_SLOPE = 0.01
 
 
-@run_kind("sigmoid-inputs")
 def sigmoid_inputs_run(params: dict, context: RunContext) -> dict:
     """The initial network's sigmoid inputs on the first PROBE_IMAGES training images, in train mode.
 
@@ -84,6 +81,7 @@ class Lite(Study):
     question = ("Which half of batch normalization does the work: subtracting the batch mean only, dividing by the "
                 "batch standard deviation only, or do we need both?")
     full_runtime = "about 20 minutes on 2 cores (24 runs of 10 epochs, --jobs 2; measured 20)"
+    run_kinds = {"sigmoid-inputs": sigmoid_inputs_run}
 
     def runs(self, settings: Settings) -> list[Run]:
         seeds = settings.seed_list(FULL_SEEDS)
@@ -138,32 +136,25 @@ class Lite(Study):
     @staticmethod
     def _preset_findings(preset: str, accuracy) -> list[str]:
         full, none = accuracy(preset, "batchnorm"), accuracy(preset, "none")
-        gain, verdict = difference(full, none)
+        r = gain_recovery(full, none, {half: accuracy(preset, half) for half in HALVES})
         lines = [f"{preset} preset (lr {PRESETS[preset]['lr']:g}): full BN reaches {fmt(full)} test accuracy vs "
-                 f"{fmt(none)} with no norm ({gain:+.3f}; {verdict}); mean-only reaches "
+                 f"{fmt(none)} with no norm ({r.gain:+.3f}; {r.verdict}); mean-only reaches "
                  f"{fmt(accuracy(preset, 'mean-only'))}, variance-only {fmt(accuracy(preset, 'variance-only'))}."]
-        shares = {half: share_of_gain(accuracy(preset, half), full, none) for half in HALVES}
-        if any(share is None for share in shares.values()):
+        if r.shares is None:
             lines.append(f"{preset} preset: full BN does not beat no norm, so neither half has a gain to recover.")
             return lines
-        worker = max(HALVES, key=lambda half: shares[half])
+        worker = r.best
         other = next(half for half in HALVES if half != worker)
-        recovered = f"{worker} recovers {shares[worker]:.0%} of full BN's gain and {other} {shares[other]:.0%}"
-        if shares[worker] < WORKING_SHARE or difference(accuracy(preset, worker), none)[1] == "within noise":
+        recovered = f"{worker} recovers {r.shares[worker]:.0%} of full BN's gain and {other} {r.shares[other]:.0%}"
+        if r.shares[worker] < WORKING_SHARE or difference(accuracy(preset, worker), none)[1] == Verdict.WITHIN_NOISE:
             lines.append(f"{preset} preset: {recovered}: neither half alone does the work, BN needs both.")
             return lines
-        gap, verdict = difference(accuracy(preset, worker), full)
-        if verdict == "within noise":
-            lines.append(f"{preset} preset: {recovered}; {worker} is within noise of full BN, so that half does "
-                         f"all of BN's work here.")
-        elif verdict == "single seed":
-            lines.append(f"{preset} preset: {recovered}; {worker} is {gap:+.3f} from full BN (one seed cannot tell "
-                         f"whether that is noise).")
-        elif gap < 0:
-            lines.append(f"{preset} preset: {recovered}; {worker} does part of the work but stays clearly below "
-                         f"full BN ({gap:+.3f}), so BN needs both halves here.")
-        else:
-            lines.append(f"{preset} preset: {recovered}; {worker} alone beats full BN clearly ({gap:+.3f}).")
+        lines.append(f"{preset} preset: {recovered}; " + r.best_against_full(
+            within_noise=f"{worker} is within noise of full BN, so that half does all of BN's work here.",
+            single_seed=f"{worker} is {r.gap:+.3f} from full BN (one seed cannot tell whether that is noise).",
+            below=f"{worker} does part of the work but stays clearly below full BN ({r.gap:+.3f}), so BN needs "
+                  "both halves here.",
+            above=f"{worker} alone beats full BN clearly ({r.gap:+.3f})."))
         return lines
 
     @staticmethod

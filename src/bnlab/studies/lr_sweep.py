@@ -2,7 +2,7 @@
 
 The chapter's second exercise: compare the learning rates for LeNet with and without BN, plot the
 decrease of the training and test error, and find how large the learning rate can be before
-optimization fails. A run succeeds when it does not diverge (bnlab.train's criterion: the loss stays
+optimization fails. A run succeeds when it does not diverge (bnlab.training's criterion: the loss stays
 finite and below 100x the first batch's loss) and ends at least SUCCESS_ACCURACY test accuracy, five
 times chance: a sigmoid LeNet at a huge rate keeps a finite loss while learning nothing, and one at a
 tiny rate may not have moved yet; neither has succeeded.
@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from bnlab.studies.core import (Outcome, Report, Run, Settings, Study, fmt, markdown_table, mean_curve,
-                                plot_epoch_curves, pyplot, save_figure)
-from bnlab.studies.runs import best, final
+from bnlab.studies.engine import (Outcome, Report, Run, Settings, Study, best, final, fmt, markdown_table, mean_curve,
+                                  plot_epoch_curves, pyplot, save_figure)
 
 MODELS = ("lenet", "bn-lenet")
 FULL_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -42,11 +41,9 @@ class LrSweep(Study):
         return [Run("train", {"model": model, "lr": lr, "epochs": epochs, "seed": seed, **data})
                 for model in MODELS for lr in self.rates(settings) for seed in settings.seed_list(2)]
 
-    def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
-        results = defaultdict(list)
-        for o in outcomes:
-            results[(o.run.params["model"], o.run.params["lr"])].append(o.result)
-        rates = self.rates(settings)
+    @staticmethod
+    def _table(results: dict, rates) -> tuple[list[str], list[list[str]]]:
+        """(headers, rows): per rate, each model's final and best test accuracy and how many seeds succeeded."""
         rows = []
         for lr in rates:
             row = [f"{lr:g}"]
@@ -57,6 +54,14 @@ class LrSweep(Study):
                         f"{sum(map(succeeded, rs))}/{len(rs)}" + (f" ({diverged} diverged)" if diverged else "")]
             rows.append(row)
         headers = ["lr"] + [f"{m} {col}" for m in MODELS for col in ("final test acc", "best test acc", "succeeded")]
+        return headers, rows
+
+    def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
+        results = defaultdict(list)
+        for o in outcomes:
+            results[(o.run.params["model"], o.run.params["lr"])].append(o.result)
+        rates = self.rates(settings)
+        headers, rows = self._table(results, rates)
 
         conclusions = []
         window = {}

@@ -15,11 +15,11 @@ difference to "all" is within the seed-to-seed noise (`difference`).
 from __future__ import annotations
 
 from bnlab.models import PLACEMENTS
-from bnlab.studies.core import (Outcome, Report, Run, Settings, Study, difference, fmt, markdown_table)
-from bnlab.studies.exercise_common import (FULL_SEEDS, LOSS_AND_ACCURACY, NO_NORM, config_name, diverged_count, finals,
-                                           fixed_settings, gain_columns, group_results, plot_accuracy_by_preset,
-                                           plot_curves_by_preset, preset_of, share_of_gain, training_params)
-from bnlab.train import PRESETS
+from bnlab.studies.engine import (FULL_SEEDS, LOSS_AND_ACCURACY, NO_NORM, Outcome, Report, Run, Settings, Study,
+                                  config_name, diverged_count, finals, fixed_settings, fmt, gain_columns, gain_recovery,
+                                  group_results, markdown_table, plot_accuracy_by_preset, plot_curves_by_preset,
+                                  preset_of, share_of_gain, training_params)
+from bnlab.training import PRESETS
 
 # Placement name -> the model_options that realize it; "none" is the same network without norm layers.
 CONFIGS = {**{name: {"placement": name} for name in PLACEMENTS}, "none": NO_NORM}
@@ -80,28 +80,23 @@ class Placement(Study):
     @staticmethod
     def _preset_findings(preset: str, accuracy) -> list[str]:
         full, none = accuracy(preset, "all"), accuracy(preset, "none")
-        gain, verdict = difference(full, none)
+        r = gain_recovery(full, none, {name: accuracy(preset, name) for name in PARTIAL})
         lines = [f"{preset} preset (lr {PRESETS[preset]['lr']:g}): BN after every layer reaches {fmt(full)} test "
-                 f"accuracy vs {fmt(none)} with no BN ({gain:+.3f}; {verdict})."]
-        shares = {name: share_of_gain(accuracy(preset, name), full, none) for name in PARTIAL}
-        if any(share is None for share in shares.values()):
+                 f"accuracy vs {fmt(none)} with no BN ({r.gain:+.3f}; {r.verdict})."]
+        if r.shares is None:
             lines.append(f"{preset} preset: BN everywhere does not beat no BN, so there is no gain for partial "
                          f"placements to recover; their accuracies: "
                          + ", ".join(f"{name} {fmt(accuracy(preset, name))}" for name in PARTIAL) + ".")
             return lines
-        best = max(PARTIAL, key=lambda name: shares[name])
         lines.append(f"{preset} preset: the share of that gain each partial placement recovers — "
-                     + ", ".join(f"{name} ({sites_of(name)}) {shares[name]:.0%}" for name in PARTIAL) + ".")
-        gap, verdict = difference(accuracy(preset, best), full)
-        if verdict == "single seed":
-            answer = "one seed cannot tell whether that difference is noise"
-        elif verdict == "within noise":
-            answer = f"within noise of BN everywhere, so BN is not needed in every layer here: {best} suffices"
-        elif gap < 0:
-            answer = "clearly below BN everywhere, so every layer's BN contributes here"
-        else:
-            answer = "clearly above BN everywhere, so adding BN to the other layers hurts here"
-        lines.append(f"{preset} preset: the best partial placement, {best}, is {gap:+.3f} from BN everywhere: {answer}.")
+                     + ", ".join(f"{name} ({sites_of(name)}) {r.shares[name]:.0%}" for name in PARTIAL) + ".")
+        answer = r.best_against_full(
+            single_seed="one seed cannot tell whether that difference is noise",
+            within_noise=f"within noise of BN everywhere, so BN is not needed in every layer here: {r.best} suffices",
+            below="clearly below BN everywhere, so every layer's BN contributes here",
+            above="clearly above BN everywhere, so adding BN to the other layers hurts here")
+        lines.append(f"{preset} preset: the best partial placement, {r.best}, is {r.gap:+.3f} from BN everywhere: "
+                     f"{answer}.")
         return lines
 
     @staticmethod

@@ -29,10 +29,10 @@ from torch import nn
 
 from bnlab import data
 from bnlab.models import norm_layers
-from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                mean_std, pyplot, run_kind, save_figure)
-from bnlab.studies.runs import history_of, trained_network, with_precise_statistics
-from bnlab.train import EVAL_BATCH_SIZE, PRESETS, evaluate
+from bnlab.studies.engine import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, history_of,
+                                  markdown_table, mean_std, pyplot, save_figure, trained_network,
+                                  with_precise_statistics)
+from bnlab.training import EVAL_BATCH_SIZE, PRESETS, evaluate
 
 CONFIGS = (("classic", "avg"), ("classic", "max"), ("current", "avg"))  # (preset, pooling)
 METHODS = ("moving", "recomputed", "batch")
@@ -93,7 +93,6 @@ def spread_text(values: list[float]) -> str:
     return fmt(values) + (f" (range {min(values):.3f}–{max(values):.3f})" if len(values) > 1 else "")
 
 
-@run_kind("population-stats")
 def train_and_predict(params: dict, context: RunContext) -> dict:
     """The shared "train" run (TrainConfig fields in `params`), then its final network's test accuracy
     with each method: {"status", "history", "accuracy": {method: acc}} ("accuracy" only when it did not
@@ -111,6 +110,7 @@ class PopulationStats(Study):
                 "whole training set, or with each test batch's own statistics — which gives the best and the "
                 "steadiest test accuracy over seeds?")
     full_runtime = "about 13 minutes on 2 cores (15 runs of 10 epochs on the full data, --jobs 2; measured 13)"
+    run_kinds = {"population-stats": train_and_predict}
 
     def runs(self, settings: Settings) -> list[Run]:
         data_options = QUICK_DATA if settings.quick else {}
@@ -133,20 +133,7 @@ class PopulationStats(Study):
         accuracy = {(config, method): [r["accuracy"][method] for _, r in results[config] if "accuracy" in r]
                     for config in CONFIGS for method in METHODS}
 
-        rows = []
-        for config in CONFIGS:
-            for method in METHODS:
-                values = accuracy[(config, method)]
-                rows.append([f"{config[0]} / {config[1]}", METHOD_NAMES[method], fmt(values),
-                             f"{min(values):.3f}–{max(values):.3f}" if values else "—", len(values)])
-        summary = markdown_table(["preset / pooling", "prediction with", "test acc (mean ± std)", "min–max", "seeds"],
-                                 rows)
-        per_seed = markdown_table(
-            ["preset / pooling", "seed", "status"] + [METHOD_NAMES[m] for m in METHODS],
-            [[f"{config[0]} / {config[1]}", seed, r["status"]]
-             + [f"{r['accuracy'][m]:.4f}" if "accuracy" in r else "—" for m in METHODS]
-             for config in CONFIGS for seed, r in results[config]])
-
+        summary, per_seed = self._tables(results, accuracy)
         conclusions = [self._config_finding(config, accuracy) for config in CONFIGS]
         conclusions += self._overall(accuracy) + [self._book_comparison(accuracy)]
         diverged = sum(r["status"] != "ok" for config in CONFIGS for _, r in results[config])
@@ -175,6 +162,24 @@ class PopulationStats(Study):
             conclusions=conclusions,
             plots=plots,
         )
+
+    @staticmethod
+    def _tables(results, accuracy) -> tuple[str, str]:
+        """(summary per configuration and method, every final network)."""
+        rows = []
+        for config in CONFIGS:
+            for method in METHODS:
+                values = accuracy[(config, method)]
+                rows.append([f"{config[0]} / {config[1]}", METHOD_NAMES[method], fmt(values),
+                             f"{min(values):.3f}–{max(values):.3f}" if values else "—", len(values)])
+        summary = markdown_table(["preset / pooling", "prediction with", "test acc (mean ± std)", "min–max", "seeds"],
+                                 rows)
+        per_seed = markdown_table(
+            ["preset / pooling", "seed", "status"] + [METHOD_NAMES[m] for m in METHODS],
+            [[f"{config[0]} / {config[1]}", seed, r["status"]]
+             + [f"{r['accuracy'][m]:.4f}" if "accuracy" in r else "—" for m in METHODS]
+             for config in CONFIGS for seed, r in results[config]])
+        return summary, per_seed
 
     @staticmethod
     def _config_finding(config, accuracy) -> str:

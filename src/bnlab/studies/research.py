@@ -61,12 +61,11 @@ import torch
 from bnlab import data
 from bnlab.models import NORM_SITES, build_model, norm_layers
 from bnlab.nn import recomputable
-from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                mean_curve, mean_std, plot_epoch_curves, pyplot, run_kind, save_figure)
-from bnlab.studies.custom_runs import (Hooks, LoopSpec, activations_at, channel_columns, side_effect_free,
-                                       train_with_hooks)
-from bnlab.studies.runs import with_precise_statistics
-from bnlab.train import evaluate
+from bnlab.studies.engine import (LoopSpec, Outcome, Report, Run, RunContext, Settings, Study, Verdict, activations_at,
+                                  channel_columns, difference, fmt, markdown_table, mean_curve, mean_std,
+                                  plot_epoch_curves, pyplot, save_figure, side_effect_free, train_with_hooks,
+                                  with_precise_statistics)
+from bnlab.training import Hooks, evaluate
 
 L1_COEFFICIENTS = (3e-3, 1e-2)
 PRUNE_THRESHOLD = 1e-2  # |γ| below 1% of its initial value 1
@@ -107,7 +106,6 @@ class L1OnScales(Hooks):
         return self.coefficient * sum(layer.weight.abs().sum() for _, layer in norm_layers(net))
 
 
-@run_kind("research")
 def research_run(params: dict, context: RunContext) -> dict:
     """Train BN-LeNet with `norm` (and L1 coefficient `l1`), then measure accuracy, whiteness, prunable
     channels and the step time."""
@@ -216,6 +214,7 @@ class Research(Study):
     question = ("The chapter's research ideas: does normalizing by the probability integral transform, whitening "
                 "with a full-rank covariance (ZCA, IterNorm) or sparsifying BN's scales (L1 on γ) help BN-LeNet?")
     full_runtime = "about 30 minutes on 2 cores (18 runs of 10 epochs, --jobs 2; PIT is the slowest)"
+    run_kinds = {"research": research_run}
 
     @staticmethod
     def epochs(settings: Settings) -> int:
@@ -260,7 +259,7 @@ class Research(Study):
                                             "test accuracy",
                       "whiteness": f"mean |off-diagonal correlation| within whitening groups on {WHITENESS_BATCH} "
                                    "test images, averaged over the 4 norm layers",
-                      "time": f"s / epoch: training steps only, {settings.jobs} run(s) at a time on this shared "
+                      "time": f"examples / s: training steps only (mean over epochs), {settings.jobs} run(s) at a time on this shared "
                               f"machine; step time vs BN: ratio of medians over {TIMING_ROUNDS} interleaved steps"},
             varied={"configuration": [c.label for c in CONFIGS]},
             sections=[("Accuracy and cost (final epoch, mean ± std over seeds)", m.accuracy_table()),
@@ -292,8 +291,8 @@ class Measures:
     def gap(self, config: Config) -> list[float]:
         return [a - b for a, b in zip(self.accuracy(config, "train"), self.accuracy(config, "test"))]
 
-    def seconds(self, config: Config) -> list[float]:
-        return [sum(h["seconds"] for h in r["history"]) / len(r["history"]) for r in self.ok[config]]
+    def throughput(self, config: Config) -> list[float]:
+        return [sum(h["examples_per_sec"] for h in r["history"]) / len(r["history"]) for r in self.ok[config]]
 
     def time_ratio(self, config: Config) -> list[float]:
         """Per seed: the interleaved step-time ratio to a BN-LeNet (see the module docstring)."""
@@ -315,9 +314,9 @@ class Measures:
     def accuracy_table(self) -> str:
         return markdown_table(
             ["configuration", "test acc", "test acc, precise stats", "train loss", "generalization gap",
-             "s / epoch", "step time vs BN"],
+             "examples / s", "step time vs BN"],
             [[c.label, fmt(self.accuracy(c)), fmt(self.accuracy(c, "test_precise")), fmt(self.final(c, "train_loss")),
-              fmt(self.gap(c)), fmt(self.seconds(c), 1), fmt(self.time_ratio(c), 2) + "×"] for c in CONFIGS])
+              fmt(self.gap(c)), fmt(self.throughput(c), 0), fmt(self.time_ratio(c), 2) + "×"] for c in CONFIGS])
 
     def structure_table(self) -> str:
         return markdown_table(
@@ -361,9 +360,9 @@ class Measures:
 
     @staticmethod
     def _effect(gain: float, verdict: str) -> str:
-        if verdict == "clear":
+        if verdict == Verdict.CLEAR:
             return "helps" if gain > 0 else "hurts"
-        if verdict == "within noise":
+        if verdict == Verdict.WITHIN_NOISE:
             return "makes no measurable difference"
         return f"{'raises' if gain > 0 else 'lowers'} accuracy on the single seed run (no spread to judge by)"
 
@@ -393,9 +392,9 @@ class Measures:
         findings = []
         for config in (c for c in CONFIGS if c.l1 and self.ok[c]):
             gap_change, verdict = difference(self.gap(config), self.gap(BASELINE))
-            if verdict == "single seed":
+            if verdict == Verdict.SINGLE_SEED:
                 regularizes = f"{'narrows' if gap_change < 0 else 'widens'} the gap on the single seed run"
-            elif verdict == "clear" and gap_change < 0:
+            elif verdict == Verdict.CLEAR and gap_change < 0:
                 regularizes = "acts as a regularizer: it clearly narrows the gap"
             else:
                 regularizes = "does not measurably regularize"

@@ -63,10 +63,10 @@ from torch import Tensor, nn
 
 from bnlab.data import to_input
 from bnlab.models import NORM_SITES, norm_layers
-from bnlab.studies.core import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, markdown_table,
-                                mean_std, pyplot, run_kind, save_figure)
-from bnlab.studies.custom_runs import (Hooks, LoopSpec, activations_at, channel_columns, side_effect_free,
-                                       train_with_hooks)
+from bnlab.studies.engine import (LoopSpec, Outcome, Report, Run, RunContext, Settings, Study, activations_at,
+                                  channel_columns, difference, fmt, markdown_table, mean_std, pyplot, save_figure,
+                                  side_effect_free, train_with_hooks)
+from bnlab.training import Hooks
 
 # label -> (norm of the unpadded bn-lenet architecture, noise after each norm)
 MODELS = {"no BN": (None, False), "BN": ("batchnorm", False), "BN + noise": ("batchnorm", True)}
@@ -249,7 +249,6 @@ class Probes(Hooks):
         self.records, self.previous_stats = state["records"], state["previous_stats"]
 
 
-@run_kind("smoothness")
 def smoothness_run(params: dict, context: RunContext) -> dict:
     """Train LeNet (no BN, BN, or BN + noise) and probe it every `probe_every` steps (module docstring)."""
     spec = LoopSpec.from_params(params)
@@ -289,6 +288,7 @@ class Smoothness(Study):
     question = ("Does BN reduce internal covariate shift (drift of layer inputs), or does it mainly make the loss "
                 "and its gradient smoother (Santurkar et al. 2018)?")
     full_runtime = "about 15 minutes on 2 cores (18 runs of 10 epochs with probes, --jobs 2; measured 15)"
+    run_kinds = {"smoothness": smoothness_run}
 
     @staticmethod
     def plan(settings: Settings) -> dict:
