@@ -593,3 +593,58 @@ def test_bench_train_compiled_models_and_best_mode():
     assert [r.model for r in results] == ["bn-lenet", "bn-lenet+compile"]
     assert all(r.examples_per_sec > 0 and r.final_loss == r.final_loss for r in results)
     assert set(bench.best_modes(results)) == {"bn-lenet"}
+
+
+# ---- SyncBatchNorm compiled with fullgraph in a two-process gloo group ------------------------------------
+
+SYNC_SHARDS = (5, 3)  # unequal shards of a global batch of 8
+SYNC_SHAPE = (3, 2, 2)  # (C, H, W) of one sample
+
+
+def _sync_global_batches():
+    gen = torch.Generator().manual_seed(11)
+    return [torch.randn(sum(SYNC_SHARDS), *SYNC_SHAPE, generator=gen) * 2 + 1 for _ in range(2)]
+
+
+def _sync_upstream(shape):
+    return torch.linspace(-1, 1, shape[0] * 12).reshape(shape[0], *SYNC_SHAPE)
+
+
+def _compiled_sync_in_each_process(momentum):
+    rank = torch.distributed.get_rank()
+    start = sum(SYNC_SHARDS[:rank])
+    layer = bnlab.nn.SyncBatchNorm(3, momentum=momentum)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    steps = []
+    for batch in _sync_global_batches():
+        x = batch[start:start + SYNC_SHARDS[rank]].clone().requires_grad_()
+        y = compiled(x)
+        (y * _sync_upstream(batch.shape)[start:start + SYNC_SHARDS[rank]]).sum().backward()
+        steps.append({"y": y.detach(), "x_grad": x.grad, "w_grad": layer.weight.grad.clone(),
+                      "b_grad": layer.bias.grad.clone(), **{k: v.clone() for k, v in layer.state_dict().items()}})
+        layer.zero_grad()
+    return steps
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
+def test_sync_batch_norm_compiled_fullgraph_two_processes(momentum):
+    """torch.compile(SyncBatchNorm, fullgraph=True) in each of two gloo processes (torch's own
+    SyncBatchNorm breaks the graph there): outputs, input gradients, the summed weight and bias
+    gradients and the running statistics equal single-process batch norm on the concatenated batch."""
+    from bnlab.distributed import launch
+
+    per_rank = launch(_compiled_sync_in_each_process, 2, args=(momentum,), timeout=300)
+    reference = torch.nn.BatchNorm2d(3, momentum=momentum)
+    for step, batch in enumerate(_sync_global_batches()):
+        x = batch.clone().requires_grad_()
+        y = reference(x)
+        (y * _sync_upstream(batch.shape)).sum().backward()
+        shards = [r[step] for r in per_rank]
+        torch.testing.assert_close(torch.cat([s["y"] for s in shards]), y.detach(), **TOL)
+        torch.testing.assert_close(torch.cat([s["x_grad"] for s in shards]), x.grad, **TOL)
+        torch.testing.assert_close(sum(s["w_grad"] for s in shards), reference.weight.grad, **TOL)
+        torch.testing.assert_close(sum(s["b_grad"] for s in shards), reference.bias.grad, **TOL)
+        for key, value in reference.state_dict().items():
+            for s in shards:
+                torch.testing.assert_close(s[key], value, **TOL, msg=lambda m: f"{key}, step {step}\n{m}")
+        reference.zero_grad()

@@ -62,6 +62,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -157,7 +158,47 @@ def sync_batch_norm(
         tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
     )
     _check_backend(input, process_group)
+    if F.in_graph(input):
+        return _sync_batch_norm_in_graph(input, running_mean, running_var, weight, bias, momentum, eps, process_group)
     return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps, process_group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over the processes, by functional collectives that torch.compile puts in its
+    graph: the gradient of a sum over processes is the sum over processes of the gradient."""
+
+    @staticmethod
+    def forward(ctx, local, process_group):
+        ctx.process_group = process_group
+        return funcol.all_reduce(local, "sum", process_group or dist.group.WORLD)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return funcol.all_reduce(grad.contiguous(), "sum", ctx.process_group or dist.group.WORLD), None
+
+
+def _sync_batch_norm_in_graph(input, running_mean, running_var, weight, bias, momentum, eps, process_group):
+    """`sync_batch_norm` for torch.compile (fullgraph included): the global statistics by two
+    differentiable all_reduces — count and sum, then the sum of squares about the global mean (an exact
+    two-pass variance) — and the rest in tensor ops, which autograd differentiates into the module
+    docstring's backward. The eager path's single-value check reads the count back from the tensor,
+    which a graph cannot; every shard empty leaves the running statistics as they are, as eagerly."""
+    x = input.to(_compute_dtype(input.dtype))
+    dims, channels = _reduce_dims(x), x.shape[1]
+    count = x.new_full((1,), x.numel() // channels)
+    sums = _AllReduceSum.apply(torch.cat([count, x.sum(dims)]), process_group)
+    total = sums[0]
+    mean = sums[1:] / total.clamp(min=1)
+    centered = x - _per_channel(mean, x)
+    m2 = _AllReduceSum.apply((centered * centered).sum(dims), process_group)
+    var = m2 / total.clamp(min=1)
+    if running_mean is not None:
+        seen = total > 0
+        running_mean.copy_(torch.where(seen, F._moved(running_mean, mean, momentum), running_mean))
+        running_var.copy_(torch.where(seen, F._moved(running_var, m2 / (total - 1).clamp(min=1), momentum),
+                                      running_var))
+    y = F.per_channel_affine(centered * _per_channel(torch.rsqrt(var + eps), x), weight, bias)
+    return y.to(input.dtype)
 
 
 def _all_gather_rows(local: Tensor, process_group) -> Tensor:
