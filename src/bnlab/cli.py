@@ -207,22 +207,35 @@ def cmd_study(args) -> int:
 # ---- bench ----------------------------------------------------------------------------------------
 
 
-def cmd_bench_op(args) -> int:
+def _bench_start(args, what: str) -> None:
+    """Set the threads and print the benchmark's header line: what is measured, and where."""
     from bnlab import bench
 
     _set_threads(args.threads)
     env = bench.environment()
-    print(f"bnlab bench op: training forward + backward, float32, {env['threads']} threads, "
-          f"torch {env['torch']}, {env['cpu']}, bnlab kernels: {env['bnlab_backend']}")
+    print(f"bnlab bench {what}, {env['threads']} threads, torch {env['torch']}, {env['cpu']}, "
+          f"bnlab kernels: {env['bnlab_backend']}")
+
+
+def _bench_save(args, kind: str, results, extra: Optional[dict] = None) -> None:
+    from bnlab import bench
+
+    if args.json:
+        bench.save_results(args.json, kind, results, extra)
+        print(f"results written to {args.json}")
+
+
+def cmd_bench_op(args) -> int:
+    from bnlab import bench
+
+    _bench_start(args, "op: training forward + backward, float32")
     print(bench.OP_HEADER + (bench.COMPILED_HEADER if args.compile else ""))
     results = bench.bench_op(args.shapes or bench.OP_SHAPES, args.repeats, args.channels_last, progress=print,
                              compile=args.compile)
     if args.markdown:
         print()
         print(bench.op_markdown(results))
-    if args.json:
-        bench.save_results(args.json, "op", results)
-        print(f"results written to {args.json}")
+    _bench_save(args, "op", results)
     slower = [r for r in results if r.speedup_vs_native < 1.0]
     print("bnlab is at least as fast as native on every shape" if not slower else
           "bnlab is slower than native on: " + ", ".join("x".join(map(str, r.shape)) for r in slower))
@@ -237,37 +250,27 @@ def cmd_bench_op(args) -> int:
 def cmd_bench_train(args) -> int:
     from bnlab import bench, data
 
-    _set_threads(args.threads)
+    _bench_start(args, f"train: batch {args.batch_size}, {args.rounds} rounds of {args.batches} batches per model")
     dataset = data.load(args.data_dir, download=not args.no_download)
-    env = bench.environment()
-    print(f"bnlab bench train: batch {args.batch_size}, {args.rounds} rounds of {args.batches} batches per model, "
-          f"{env['threads']} threads, torch {env['torch']}, {env['cpu']}, bnlab kernels: {env['bnlab_backend']}")
     results = bench.bench_train(dataset, args.models or bench.TRAIN_MODELS, args.batch_size, args.rounds, args.batches)
     print(f"{'model':>24} {'examples/s':>11} {'vs bn-lenet-torch':>18} {'last loss':>10}")
     for r in results:
         print(f"{r.model:>24} {r.examples_per_sec:11,.0f} {r.vs_torch:17.2f}x {r.final_loss:10.3f}")
     for model, mode in bench.best_modes(results).items():
         print(f"best mode for {model}: {mode}")
-    if args.json:
-        bench.save_results(args.json, "train", results, {"batch_size": args.batch_size})
-        print(f"results written to {args.json}")
+    _bench_save(args, "train", results, {"batch_size": args.batch_size})
     return 0
 
 
 def cmd_bench_infer(args) -> int:
     from bnlab import bench
 
-    _set_threads(args.threads)
-    env = bench.environment()
-    print(f"bnlab bench infer: eval-mode forward before and after fold_batchnorm, {env['threads']} threads, "
-          f"torch {env['torch']}, {env['cpu']}, bnlab kernels: {env['bnlab_backend']}")
+    _bench_start(args, "infer: eval-mode forward before and after fold_batchnorm")
     print(f"{'model':>15} {'batch':>6} {'unfolded ms':>12} {'folded ms':>10} {'speed-up':>9} {'max |diff|':>11}")
     results = bench.bench_infer(args.models, args.batch_sizes, args.repeats)
     for r in results:
         print(f"{r.model:>15} {r.batch_size:6d} {r.unfolded_ms:12.3f} {r.folded_ms:10.3f} {r.speedup:8.2f}x {r.max_abs_diff:11.1e}")
-    if args.json:
-        bench.save_results(args.json, "infer", results)
-        print(f"results written to {args.json}")
+    _bench_save(args, "infer", results)
     return 0
 
 

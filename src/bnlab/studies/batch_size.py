@@ -180,7 +180,6 @@ class BatchSize(Study):
     question = ("Does BN-LeNet work best with minibatches of 50–100, as the chapter says, when every batch size "
                 "gets the same epochs and its own tuned learning rate; and what happens at batch size 1?")
     full_runtime = "about 40 minutes on 2 cores (193 runs of 5 epochs on 10240 examples, --jobs 2)"
-    run_kinds = {"batch-size-train": train_with_validation, "batch-one-refusal": batch_one_refusal}
 
     @staticmethod
     def plan(settings: Settings) -> Plan:

@@ -161,7 +161,6 @@ class Bias(Study):
     question = ("Can we remove the bias of the conv/linear layer before batch normalization: does it get any "
                 "gradient, does accuracy change, what does it save, and what absorbs it?")
     full_runtime = "about 11 minutes on 2 cores (12 runs of 10 epochs, --jobs 2; measured 10.5)"
-    run_kinds = {"bias-gradients": bias_gradients_run}
 
     def runs(self, settings: Settings) -> list[Run]:
         runs = []

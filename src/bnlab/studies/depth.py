@@ -141,7 +141,6 @@ class Depth(Study):
                 "connections, and what happens to the gradients at initialization?")
     full_runtime = ("about 11 minutes on 2 cores (108 runs of up to 5 epochs on 20000 examples, --jobs 2; diverged runs "
                     "stop early; measured 11)")
-    run_kinds = {"deep-mlp": deep_mlp_run}
 
     def runs(self, settings: Settings) -> list[Run]:
         data_options = QUICK_DATA if settings.quick else FULL_DATA

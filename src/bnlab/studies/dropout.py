@@ -92,7 +92,6 @@ class Dropout(Study):
                 "and test accuracy) as the chapter says?")
     full_runtime = ("about 36 minutes on 2 cores (24 runs of 10 epochs and 12 small-data runs of 100 epochs on 5000 "
                     "examples, --jobs 2; measured 24 + 12)")
-    run_kinds = {"train-set-accuracy": train_set_accuracy_run}
 
     def runs(self, settings: Settings) -> list[Run]:
         return [Run("train-set-accuracy", regime_params(regime, settings, seed, options))

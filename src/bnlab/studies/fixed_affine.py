@@ -60,7 +60,6 @@ class FixedAffine(Study):
     question = ("What happens when BN's scale gamma and shift beta are fixed at 1 and 0, and how far do they move "
                 "from 1 and 0 when they are learned?")
     full_runtime = "about 14 minutes on 2 cores (12 runs of 10 epochs, --jobs 2; measured 14)"
-    run_kinds = {"affine-parameters": affine_parameters_run}
 
     def runs(self, settings: Settings) -> list[Run]:
         return [Run("affine-parameters", training_params(preset, settings, seed, options))

@@ -24,11 +24,10 @@ import torch
 
 from bnlab.data import to_input
 from bnlab.models import NORM_SITES, build_model
-from bnlab.studies.engine import (FULL_SEEDS, LOSS_AND_ACCURACY, MODEL, Outcome, Report, Run, RunContext, Settings,
-                                  Study, Verdict, activations_at, best, config_name, difference, diverged_count, finals,
-                                  fixed_settings, fmt, gain_columns, gain_recovery, group_results, history_of,
-                                  markdown_table, mean_std, plot_accuracy_by_preset, plot_curves_by_preset, preset_of,
-                                  training_params)
+from bnlab.studies.engine import (FULL_SEEDS, MODEL, Outcome, Report, Run, RunContext, Settings, Study, Verdict,
+                                  activations_at, best, config_name, difference, diverged_count, finals, fixed_settings,
+                                  fmt, gain_columns, gain_recovery, group_results, history_of, markdown_table, mean_std,
+                                  plot_accuracy_and_curves_by_preset, preset_of, training_params)
 from bnlab.training import PRESETS
 
 CONFIGS = {"batchnorm": {"norm": "batchnorm"}, "mean-only": {"norm": "mean-only"},
@@ -81,7 +80,6 @@ class Lite(Study):
     question = ("Which half of batch normalization does the work: subtracting the batch mean only, dividing by the "
                 "batch standard deviation only, or do we need both?")
     full_runtime = "about 20 minutes on 2 cores (24 runs of 10 epochs, --jobs 2; measured 20)"
-    run_kinds = {"sigmoid-inputs": sigmoid_inputs_run}
 
     def runs(self, settings: Settings) -> list[Run]:
         seeds = settings.seed_list(FULL_SEEDS)
@@ -125,12 +123,11 @@ class Lite(Study):
                       (f"Sigmoid inputs of the initial network (first {PROBE_IMAGES} training images, train mode; "
                        "mean ± std over seeds)", self._initial_table(probes))],
             conclusions=conclusions,
-            plots=[plot_accuracy_by_preset(accuracy, list(CONFIGS), settings, "lite_accuracy.png",
-                                           "Final test accuracy of full, mean-only and variance-only BN and no "
-                                           "norm (bars: mean over seeds; whiskers: half the range)."),
-                   plot_curves_by_preset(results, list(CONFIGS), settings, "lite_curves.png",
-                                         "Train loss and test accuracy per epoch (mean over seeds); a run that "
-                                         "diverged ends where it stopped.", metrics=LOSS_AND_ACCURACY)],
+            plots=plot_accuracy_and_curves_by_preset(
+                accuracy, results, CONFIGS, settings, "lite",
+                "Final test accuracy of full, mean-only and variance-only BN and no norm (bars: mean over seeds; "
+                "whiskers: half the range).",
+                "Train loss and test accuracy per epoch (mean over seeds); a run that diverged ends where it stopped."),
         )
 
     @staticmethod

@@ -15,10 +15,10 @@ difference to "all" is within the seed-to-seed noise (`difference`).
 from __future__ import annotations
 
 from bnlab.models import PLACEMENTS
-from bnlab.studies.engine import (FULL_SEEDS, LOSS_AND_ACCURACY, NO_NORM, Outcome, Report, Run, Settings, Study,
-                                  config_name, diverged_count, finals, fixed_settings, fmt, gain_columns, gain_recovery,
-                                  group_results, markdown_table, plot_accuracy_by_preset, plot_curves_by_preset,
-                                  preset_of, share_of_gain, training_params)
+from bnlab.studies.engine import (FULL_SEEDS, NO_NORM, Outcome, Report, Run, Settings, Study, config_name,
+                                  diverged_count, finals, fixed_settings, fmt, gain_columns, gain_recovery,
+                                  group_results, markdown_table, plot_accuracy_and_curves_by_preset, preset_of,
+                                  share_of_gain, training_params)
 from bnlab.training import PRESETS
 
 # Placement name -> the model_options that realize it; "none" is the same network without norm layers.
@@ -68,13 +68,11 @@ class Placement(Study):
             varied={"placement": [f"{name} ({sites_of(name)})" for name in CONFIGS], "preset": tuple(PRESETS)},
             sections=[("Results (final epoch, mean ± std over seeds)", table)],
             conclusions=conclusions,
-            plots=[plot_accuracy_by_preset(accuracy, list(CONFIGS), settings, "placement_accuracy.png",
-                                           "Final test accuracy per BN placement (bars: mean over seeds; whiskers: "
-                                           "half the range). all: after conv1, conv2, fc1, fc2; conv: conv1, conv2; "
-                                           "linear: fc1, fc2; first: conv1; none: no BN."),
-                   plot_curves_by_preset(results, list(CONFIGS), settings, "placement_curves.png",
-                                         "Train loss and test accuracy per epoch for every placement (mean over "
-                                         "seeds).", metrics=LOSS_AND_ACCURACY)],
+            plots=plot_accuracy_and_curves_by_preset(
+                accuracy, results, CONFIGS, settings, "placement",
+                "Final test accuracy per BN placement (bars: mean over seeds; whiskers: half the range). all: after "
+                "conv1, conv2, fc1, fc2; conv: conv1, conv2; linear: fc1, fc2; first: conv1; none: no BN.",
+                "Train loss and test accuracy per epoch for every placement (mean over seeds)."),
         )
 
     @staticmethod

@@ -110,7 +110,6 @@ class PopulationStats(Study):
                 "whole training set, or with each test batch's own statistics — which gives the best and the "
                 "steadiest test accuracy over seeds?")
     full_runtime = "about 13 minutes on 2 cores (15 runs of 10 epochs on the full data, --jobs 2; measured 13)"
-    run_kinds = {"population-stats": train_and_predict}
 
     def runs(self, settings: Settings) -> list[Run]:
         data_options = QUICK_DATA if settings.quick else {}

@@ -214,7 +214,6 @@ class Research(Study):
     question = ("The chapter's research ideas: does normalizing by the probability integral transform, whitening "
                 "with a full-rank covariance (ZCA, IterNorm) or sparsifying BN's scales (L1 on γ) help BN-LeNet?")
     full_runtime = "about 30 minutes on 2 cores (18 runs of 10 epochs, --jobs 2; PIT is the slowest)"
-    run_kinds = {"research": research_run}
 
     @staticmethod
     def epochs(settings: Settings) -> int:

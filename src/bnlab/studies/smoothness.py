@@ -288,7 +288,6 @@ class Smoothness(Study):
     question = ("Does BN reduce internal covariate shift (drift of layer inputs), or does it mainly make the loss "
                 "and its gradient smoother (Santurkar et al. 2018)?")
     full_runtime = "about 15 minutes on 2 cores (18 runs of 10 epochs with probes, --jobs 2; measured 15)"
-    run_kinds = {"smoothness": smoothness_run}
 
     @staticmethod
     def plan(settings: Settings) -> dict:

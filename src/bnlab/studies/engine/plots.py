@@ -86,6 +86,17 @@ def plot_accuracy_by_preset(accuracy: Callable[[str, str], Sequence[float]], nam
     return filename, caption
 
 
+def plot_accuracy_and_curves_by_preset(accuracy: Callable[[str, str], Sequence[float]], results: dict,
+                                       names: Sequence[str], settings: Settings, stem: str, accuracy_caption: str,
+                                       curves_caption: str) -> list[tuple[str, str]]:
+    """The two plots of a study that compares configurations under both presets: final test accuracy
+    (STEM_accuracy.png, `plot_accuracy_by_preset`) and train loss and test accuracy per epoch
+    (STEM_curves.png, `plot_curves_by_preset`)."""
+    return [plot_accuracy_by_preset(accuracy, list(names), settings, f"{stem}_accuracy.png", accuracy_caption),
+            plot_curves_by_preset(results, list(names), settings, f"{stem}_curves.png", curves_caption,
+                                  metrics=LOSS_AND_ACCURACY)]
+
+
 def plot_curves_by_preset(results: dict, names: Sequence[str], settings: Settings, filename: str, caption: str, *,
                           metrics: Sequence[tuple[str, str]] = TEST_ACCURACY, label: Callable[[str], str] = str,
                           panels: Sequence[str] = tuple(PRESETS),

@@ -8,8 +8,8 @@
   a step; for studies whose runs need more than "train" (research, smoothness).
 - `training_result`: the one shape of a training run's result, finished or diverged.
 
-A run function takes (JSON parameters, RunContext) and returns a JSON-able dict; a study lists the ones
-it uses in `Study.run_kinds`.
+A run function takes (JSON parameters, RunContext) and returns a JSON-able dict; every kind of run is
+registered in `bnlab.studies.RUN_KINDS`.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ RESULTS_VERSION = 2
 
 @dataclass(frozen=True)
 class Run:
-    """One unit of work: the function registered as `kind` (see `Study.run_kinds`) on `params`,
+    """One unit of work: the function registered as `kind` (see `bnlab.studies.RUN_KINDS`) on `params`,
     returning a JSON-able dict."""
 
     kind: str
@@ -144,7 +144,7 @@ def execute(runs: Sequence[Run], settings: Settings, kinds: dict[str, RunFunctio
     (in parallel); ValueError naming a kind that `kinds` does not hold."""
     unknown = sorted({run.kind for run in runs} - set(kinds))
     if unknown:
-        raise ValueError(f"no run function for kind(s) {', '.join(unknown)}; register them in the study's run_kinds")
+        raise ValueError(f"no run function for kind(s) {', '.join(unknown)}; register them in bnlab.studies.RUN_KINDS")
     unique = list({run.key(): run for run in runs}.values())
     done = {run.key(): outcome for run in unique if (outcome := _read_cache(settings.out, run))}
     todo = [run for run in unique if run.key() not in done]
