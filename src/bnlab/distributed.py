@@ -42,9 +42,16 @@ Data-parallel plumbing. `launch` runs a function in N spawned processes that for
 127.0.0.1 (gloo on CPU, NCCL on CUDA), every wait bounded by an optional timeout, and returns what each
 returned or re-raises the first error; `rank_environment` reads the rank a launcher such as torchrun
 set; `shard_bounds` cuts a global batch into contiguous shards. `bnlab train --nproc N` is built on
-these (see `bnlab.train`). To run under torchrun instead:
+these (see `bnlab.training.loop`). To run under torchrun instead:
 
     torchrun --nproc-per-node 2 -m bnlab.cli train --device cpu --epochs 10
+
+`launch` starts its processes with torch.multiprocessing (spawn) but not with `torch.multiprocessing.spawn`
+or torch's elastic agent: `spawn` neither returns the functions' results nor bounds the wait with a
+timeout, and it reports a failure as a ProcessRaisedException holding the child's traceback as text,
+where `launch` re-raises the child's own exception (a ValueError stays a ValueError, so the CLI prints
+it on one line); the elastic agent (torchrun's) restarts and rendezvouses workers, which a run of one
+machine does not need, and it is a command to start, not a function that returns results.
 """
 
 from __future__ import annotations
