@@ -8,10 +8,12 @@ by name, so the cases a future torch adds run here without an edit. Each case ru
 on copies of the same inputs, for training and evaluation and in every dtype torch lists for CPU
 (bfloat16 and float16 included where it does), and compares the outputs, the input and parameter
 gradients, the buffers and the running statistics updated in place, with torch's tolerances for the
-dtype (`torch.testing.assert_close`'s defaults).
+dtype (`torch.testing.assert_close`'s defaults) on the distance from torch's own float64 result
+(see `_check`).
 
-Layers bnlab has and torch lacks are held to torch's BatchNorm cases, of the ranks they accept, against
-the NumPy oracle (`bnlab.reference`): see the last section.
+Empty batches torch's cases leave out (instance norms, lazy layers, empty spatial dims) are held to
+torch's layers the same way; layers bnlab has and torch lacks are held to torch's BatchNorm cases, of
+the ranks they accept, against the NumPy oracle (`bnlab.reference`).
 
 The helpers need `expecttest` (in the test extra, which scripts/setup.sh installs); without it
 `test_torch_case_databases_load` fails saying how to install it.
@@ -93,22 +95,19 @@ class ModuleCase:
         return f"{self.info.name}-{self.index}-{self.desc or 'default'}-{mode}-{_dtype_name(self.dtype)}"
 
     def module_input(self):
-        key = f"{self.info.name}-{self.training}-{self.dtype}"
-        inputs = _seeded(key, lambda: self.info.module_inputs_func(
-            self.info, device=DEVICE, dtype=self.dtype, requires_grad=True, training=self.training))
-        return inputs[self.index]
+        return _module_inputs(self.info, self.training, self.dtype)[self.index]
+
+
+def _module_inputs(info, training: bool, dtype: torch.dtype) -> list:
+    """torch's ModuleInputs of one entry, mode and dtype (the same tensors on every call)."""
+    return _seeded(f"{info.name}-{training}-{dtype}", lambda: info.module_inputs_func(
+        info, device=DEVICE, dtype=dtype, requires_grad=True, training=training))
 
 
 def _module_cases(infos) -> list[ModuleCase]:
-    cases = []
-    for info in infos:
-        for training in (True, False):
-            for dtype in info.supported_dtypes(DEVICE):
-                key = f"{info.name}-{training}-{dtype}"
-                inputs = _seeded(key, lambda: info.module_inputs_func(
-                    info, device=DEVICE, dtype=dtype, requires_grad=True, training=training))
-                cases += [ModuleCase(info, training, dtype, i, m.desc) for i, m in enumerate(inputs)]
-    return cases
+    return [ModuleCase(info, training, dtype, i, module_input.desc)
+            for info in infos for training in (True, False) for dtype in info.supported_dtypes(DEVICE)
+            for i, module_input in enumerate(_module_inputs(info, training, dtype))]
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,7 @@ def _params(cases) -> list:
     params = []
     for case in cases:
         reason = KNOWN_DIFFERENCES.get(case.id)
-        marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
         params.append(pytest.param(case, id=case.id, marks=marks))
     return params
 
@@ -229,7 +228,7 @@ def _check(actual, expected, truth, what: str) -> None:
     excess = (ours - exact).abs() - ((torchs - exact).abs() + atol + rtol * exact.abs())
     if excess.numel() and excess.max() > 0:
         i = int(excess.argmax())
-        pytest.fail(
+        raise AssertionError(
             f"{what} ({expected.dtype}): bnlab {ours[i].item():.8g}, torch {torchs[i].item():.8g}, float64 "
             f"truth {exact[i].item():.8g}: bnlab's error exceeds torch's by more than rtol={rtol}, atol={atol} "
             f"({int((excess > 0).sum())} of {excess.numel()} values)"
