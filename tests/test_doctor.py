@@ -197,3 +197,96 @@ def test_bad_arguments_are_value_errors(batches, per_device_batch, message):
 def test_non_module_is_a_value_error():
     with pytest.raises(ValueError, match="expects a torch.nn.Module"):
         diagnose("resnet50")
+
+
+# ---- the command: `bnlab doctor RUN` and `bnlab doctor --model` ----------------------------------------------
+
+from bnlab import cli, data  # noqa: E402
+from bnlab.training import load_checkpoint, rundir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A short real `bnlab train` run on Fashion-MNIST (two epochs of 10,000 images)."""
+    if data.locate() is None:
+        pytest.fail("the real Fashion-MNIST is needed: apt-get install dataset-fashion-mnist, or `bnlab data download`")
+    out = tmp_path_factory.mktemp("doctor") / "run"
+    assert cli.main(["train", "--epochs", "2", "--train-subset", "10000", "--test-subset", "1000", "--no-download",
+                     "--out", str(out)]) == 0
+    return out
+
+
+def doctor_json(capsys, *argv) -> tuple[int, dict]:
+    capsys.readouterr()
+    code = cli.main(["doctor", *argv, "--examples", "2000", "--no-download", "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_doctor_on_a_trained_run_is_healthy(run_dir, capsys):
+    code, report = doctor_json(capsys, str(run_dir))
+    assert code == 0 and report["healthy"]
+    assert [f["code"] for f in report["findings"]] == ["bias-before-bn"]  # the chapter's biases: info only
+    assert "small-batch" in report["checked"] and report["skipped"] == {}
+
+
+def test_doctor_finds_corrupted_statistics_and_its_fix_removes_them(run_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "metrics.csv"):
+        (broken / name).write_bytes((run_dir / name).read_bytes())
+    state = load_checkpoint(run_dir)
+    state["model"]["1.running_mean"] += 2.0  # the first BN's statistics no longer match its weights
+    rundir.save_checkpoint(broken, state)
+    code, report = doctor_json(capsys, str(broken))
+    stale = next(f for f in report["findings"] if f["code"] == "stale-running-stats")
+    assert code == 1 and stale["severity"] == "warning"
+    assert stale["evidence"]["exact"]["accuracy"] - stale["evidence"]["running"]["accuracy"] > 0.02
+    assert "recompute_stats" in stale["fix"]
+
+    config, net, _ = cli._load_run(broken)  # the suggested fix, on the run's training data
+    bnlab.nn.recompute_stats(net, [x for x, _ in __import__("bnlab.doctor").doctor.fashion_batches(examples=6000)])
+    state["model"] = net.state_dict()
+    rundir.save_checkpoint(broken, state)
+    code, report = doctor_json(capsys, str(broken))
+    assert code == 0 and "stale-running-stats" not in [f["code"] for f in report["findings"]]
+
+
+def momentum_net() -> nn.Module:
+    """A factory for --model: a flattened-input MLP with a Keras momentum ported unchanged."""
+    return nn.Sequential(nn.Linear(784, 16, bias=False), nn.BatchNorm1d(16, momentum=0.99), nn.ReLU(), nn.Linear(16, 10))
+
+
+def healthy_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize("factory, expected_code, expected_findings", [
+    ("momentum_net", 1, ["foreign-momentum"]),
+    ("healthy_net", 0, []),
+])
+def test_doctor_on_an_importable_model(factory, expected_code, expected_findings, tmp_path, capsys):
+    weights = tmp_path / "w.pt"
+    torch.save(getattr(__import__(__name__), factory)().state_dict(), weights)
+    code, report = doctor_json(capsys, "--model", f"{__name__}:{factory}", "--weights", str(weights),
+                               "--per-device-batch", "64")
+    assert code == expected_code and [f["code"] for f in report["findings"]] == expected_findings
+    assert "stale-running-stats" in report["skipped"]
+
+
+def test_doctor_model_with_data_runs_the_data_checks(capsys):
+    code, report = doctor_json(capsys, "--model", f"{__name__}:healthy_net", "--input-shape", "784",
+                               "--data-dir", str(data.locate()))
+    assert "stale-running-stats" in report["checked"] and list(report["skipped"]) == ["small-batch"]
+    assert code == 0 and report["findings"] == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give either a run directory or --model"),
+    (["--model", "no_such_module_xyz:f"], "cannot import it"),
+    (["--model", "torch"], "expects module:factory"),
+    (["--model", "tests.test_doctor:healthy_net", "--input-shape", "3x32x32", "--data-dir", "."], "784"),
+])
+def test_doctor_usage_errors_are_one_line_exit_2(argv, message, capsys):
+    assert cli.main(["doctor", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

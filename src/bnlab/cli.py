@@ -7,6 +7,7 @@
     bnlab study NAME     run a study answering one of the chapter's questions (`bnlab study list`)
     bnlab bench op       time bnlab's batch norm against torch's native kernel and the chapter's code
     bnlab kernels        show (or build) the compiled CPU kernels
+    bnlab doctor RUN     diagnose batch-norm pitfalls of a run or (--model) of any PyTorch model
 
 A user's mistake (a bad value, a missing file) ends with a one-line error and exit code 2, never a
 traceback.
@@ -152,6 +153,41 @@ def cmd_evaluate(args) -> int:
           f"(metrics.csv, epoch {recorded.epoch}, moving averages: test loss {recorded.test_loss:.4f}, "
           f"test acc {recorded.test_acc:.4f})")
     return 0
+
+
+def sample_shape_arg(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected one sample's shape like 1x28x28 or 784, got {text!r}")
+    return shape
+
+
+def cmd_doctor(args) -> int:
+    """Diagnose a run (its training data) or an importable model; exit 0 healthy, 1 with warnings/errors."""
+    from bnlab import doctor
+
+    if (args.run is None) == (args.model is None):
+        raise UsageError("give either a run directory or --model module:factory (not both)")
+    shape = args.input_shape or (1, 28, 28)
+    if args.run:
+        config, net, _ = _load_run(args.run)
+        data_dir, batch = args.data_dir or config.data_dir, config.batch_size // config.nproc
+        batches = doctor.fashion_batches(data_dir, download=not args.no_download, examples=args.examples,
+                                         seed=config.seed, input_shape=shape)
+    else:
+        net = doctor.load_factory(args.model)
+        if args.weights:
+            doctor.load_weights(net, args.weights)
+        net.eval()
+        batch = args.per_device_batch
+        batches = None if args.data_dir is None else doctor.fashion_batches(
+            args.data_dir, download=not args.no_download, examples=args.examples, input_shape=shape)
+    diagnosis = doctor.diagnose(net, batches, per_device_batch=batch)
+    print(diagnosis.to_json() if args.json else diagnosis.to_markdown() if args.markdown else diagnosis)
+    return 0 if diagnosis.healthy else 1
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -422,6 +458,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="show the kernels' state (default) or build them now")
     kern.add_argument("--force", action="store_true", help="rebuild even if cached (default: reuse the cache)")
     kern.set_defaults(func=cmd_kernels)
+
+    doc = sub.add_parser("doctor", help="diagnose batch-norm pitfalls of a run or any PyTorch model",
+                         description="Diagnose batch-norm pitfalls with evidence and a fix. Exit 0 when healthy, "
+                                     "1 with warnings or errors, 2 on a usage error.")
+    doc.add_argument("run", nargs="?", help="a bnlab run directory (its training data feeds the data checks)")
+    doc.add_argument("--model", help="module:factory returning a torch.nn.Module (default: none; give RUN or this)")
+    doc.add_argument("--weights", help="a state dict for --model, loaded with weights_only=True (default: none)")
+    doc.add_argument("--input-shape", type=sample_shape_arg, help="one sample's shape, e.g. 784 or 1x28x28, for the "
+                     "Fashion-MNIST images (default 1x28x28)")
+    doc.add_argument("--per-device-batch", type=positive_int,
+                     help="training batch size per device, for --model (default: unknown, check skipped)")
+    doc.add_argument("--examples", type=positive_int, default=10000,
+                     help="training images the data checks use (default 10000)")
+    doc.add_argument("--data-dir", help="where the Fashion-MNIST files are (default: the run's; none for --model)")
+    doc.add_argument("--no-download", action="store_true", help="fail instead of downloading (default: download)")
+    out = doc.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="machine-readable output (default: a short report)")
+    out.add_argument("--markdown", action="store_true", help="a Markdown report (default: a short report)")
+    doc.set_defaults(func=cmd_doctor)
     return parser
 
 

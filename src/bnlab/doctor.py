@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -531,5 +532,54 @@ def diagnose(model: nn.Module, batches: Optional[Iterable] = None, *,
     return diagnosis
 
 
+# ---- the command line's sources: a bnlab run, or any importable model ------------------------------------
+
+
+def fashion_batches(data_dir=None, *, download: bool = True, examples: int = 10000, seed: int = 0,
+                    input_shape: tuple[int, ...] = (1, 28, 28), batch_size: int = 1000) -> list:
+    """(input, label) batches of a seeded random `examples` Fashion-MNIST training images, reshaped to
+    `input_shape` per sample: the data `bnlab doctor` diagnoses with."""
+    from bnlab import data
+
+    if math.prod(input_shape) != 28 * 28:
+        raise ValueError(f"--input-shape {'x'.join(map(str, input_shape))} has {math.prod(input_shape)} values per "
+                         "sample, but a Fashion-MNIST image has 784; use 1x28x28 or 784")
+    dataset = data.load(data_dir, download=download).subset(min(examples, 60000), None, seed=seed)
+    return [(x.reshape(len(x), *input_shape), y)
+            for x, y in data.batches(dataset.train_images, dataset.train_labels, batch_size, shuffle=False)]
+
+
+def load_factory(spec: str) -> nn.Module:
+    """The model returned by `module:factory` (e.g. torchvision.models:resnet18), called without arguments."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model expects module:factory, e.g. torchvision.models:resnet18, got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--model {spec}: cannot import it ({exc}); check the module is on PYTHONPATH") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {spec} returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path) -> nn.Module:
+    """Load a state dict (or a bnlab checkpoint, whose "model" entry is one) safely: weights_only=True."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"--weights {path}: expected a state dict, got {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"--weights {path} does not fit the model: {first}") from None
+    return model
+
+
 __all__ = ["CHECKS", "Diagnosis", "Finding", "diagnose", "batch_norms", "SEVERITIES", "STALE_ACCURACY_GAP",
-           "SAFE_BATCH", "DEAD_GAMMA"]
+           "SAFE_BATCH", "DEAD_GAMMA", "fashion_batches", "load_factory", "load_weights"]
