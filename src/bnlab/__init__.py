@@ -7,3 +7,13 @@
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`bnlab.adapt(model, batches, method=...)` and `bnlab.doctor` without importing them first (they
+    import torch, which `import bnlab` alone does not)."""
+    if name in ("adapt", "doctor"):
+        import importlib
+
+        return importlib.import_module(f"bnlab.{name}")
+    raise AttributeError(f"module 'bnlab' has no attribute {name!r}")
