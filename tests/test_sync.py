@@ -26,8 +26,8 @@ from torch.autograd import gradcheck
 from torch.nn.parallel import DistributedDataParallel
 
 import bnlab.nn
-from bnlab import distributed
-from bnlab.distributed import SyncBatchNormFunction, ddp_loss, launch, shard_bounds
+from bnlab.distributed import ddp_loss, launch, shard_bounds
+from bnlab.functional import SyncBatchNormFunction, group_size
 from bnlab.functional import batch_norm
 from cases import assert_close, generator, tolerance
 
@@ -250,7 +250,7 @@ def _in_each_process(sync_cases, ddp_cases) -> dict:
     results["groups"] = {
         "single": bnlab.nn.SyncBatchNorm(3, process_group=singles[rank])(shard).detach(),
         "everyone": bnlab.nn.SyncBatchNorm(3, process_group=everyone)(shard).detach(),
-        "single_size": distributed.group_size(singles[rank]),
+        "single_size": group_size(singles[rank]),
     }
 
     # One value per channel over all processes: refused alike in every process, running stats untouched.
@@ -351,7 +351,7 @@ FALLBACK_SHAPES = [(6, 3), (4, 3, 5), (3, 3, 4, 4), (2, 3, 2, 3, 3)]
 @pytest.mark.parametrize("shape", FALLBACK_SHAPES, ids=lambda s: f"{len(s)}D")
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_without_a_process_group_the_layer_is_batch_norm(shape, momentum):
-    assert not dist.is_initialized() and distributed.group_size() == 1
+    assert not dist.is_initialized() and group_size() == 1
     sync = bnlab.nn.SyncBatchNorm(3, momentum=momentum, dtype=torch.float64)
     plain = bnlab.nn.BatchNorm(3, momentum=momentum, dtype=torch.float64)
     gen = generator(f"fallback/{shape}/{momentum}")

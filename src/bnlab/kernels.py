@@ -166,12 +166,12 @@ def _forward_backward(ctx, grad_y, grad_stats):
     """Gradients of (input, weight, bias); the statistics only feed the no-grad running update, so
     their gradient is ignored. With grad mode on (double backward) the formula runs in tensor ops that
     autograd differentiates again; otherwise the kernels run it."""
-    from bnlab.functional import _backward_torch  # bnlab.functional imports this module
+    from bnlab.functional.batch_norm import backward_torch  # which imports this module
 
     input, weight, stats = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():
-        grads = _backward_torch(input, grad_y, weight, stats[0], stats[1], ctx.training, ctx.eps, needs)
+        grads = backward_torch(input, grad_y, weight, stats[0], stats[1], ctx.training, ctx.eps, needs)
     else:
         grads = torch.ops.bnlab.batch_norm_backward(grad_y, input, weight, stats, ctx.training, needs[0])
     return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)

@@ -594,7 +594,7 @@ variable_list backward_op(const Tensor& input, const Tensor& grad, const Tensor&
 }
 
 // The same backward in tensor ops, so that autograd can differentiate it (double backward, with
-// create_graph): the formula of bnlab.functional._backward_torch. In training the statistics are
+// create_graph): the formula of bnlab.functional.batch_norm.backward_torch. In training the statistics are
 // recomputed from x, where autograd sees that they depend on it.
 variable_list differentiable_backward(const Tensor& x, const Tensor& dy, const Tensor& weight, const Tensor& stats,
                                       bool training, double eps, std::array<bool, 3> needs) {

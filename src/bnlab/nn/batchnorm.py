@@ -11,6 +11,7 @@ makes the running statistics a cumulative (equal-weight) average of every batch 
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -35,7 +36,7 @@ __all__ = [
     "accumulate_stats",
 ]
 
-_SHAPES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+SHAPES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 
 
 class BatchNormBase(Module):
@@ -130,7 +131,7 @@ class BatchNormBase(Module):
 
     def check_rank(self, input: Tensor) -> None:
         if isinstance(input, Tensor) and input.dim() not in self.input_dims:
-            wanted = " or ".join(f"{d}D {_SHAPES[d]}" for d in self.input_dims)
+            wanted = " or ".join(f"{d}D {SHAPES[d]}" for d in self.input_dims)
             hint = _rank_hint(input.dim())
             raise ValueError(
                 f"{type(self).__name__} expected {wanted} input, got {input.dim()}D input of shape "
@@ -139,10 +140,6 @@ class BatchNormBase(Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self.check_input(input)
-        pooled = self.__dict__.get("_pooled_stats")
-        if pooled is not None and self.training:  # inside accumulate_stats: pool now, update once at the end
-            pooled.add(input)
-            return self.normalize(input, None, None, True, 0.0)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -165,10 +162,8 @@ class BatchNormBase(Module):
             return
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        with torch.no_grad():
-            unbiased = pooled.m2 / (pooled.count - 1)
-            self.running_mean.mul_(1 - factor).add_(pooled.mean.to(self.running_mean.dtype), alpha=factor)
-            self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        F.update_running(self.running_mean, pooled.mean, factor)
+        F.update_running(self.running_var, pooled.m2 / (pooled.count - 1), factor)
 
     def normalize(
         self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -186,16 +181,6 @@ def cumulative_factor(num_batches_tracked: Tensor, input: Tensor):
     return 1.0 / num_batches_tracked if F.in_graph(input) else 1.0 / float(num_batches_tracked)
 
 
-def _merge_pooled(count: int, mean, second, n: int, batch_mean, batch_second, outer):
-    """Chan's merge of pooled (count, mean, second moment about the mean) with a batch's; `outer` turns
-    the difference of the means into the correction of the second moment (delta², or delta deltaᵀ)."""
-    if count == 0:
-        return n, batch_mean, batch_second
-    total = count + n
-    delta = batch_mean - mean
-    return total, mean + delta * (n / total), second + batch_second + outer(delta) * (count * n / total)
-
-
 class PooledMoments:
     """Exact per-channel count, mean and M2 over several batches (Chan's merge, in float64); an empty
     batch adds nothing, as it moves no running statistic."""
@@ -209,29 +194,8 @@ class PooledMoments:
         n = x.numel() // x.shape[1]
         with torch.no_grad():
             var, mean = torch.var_mean(x.detach().double(), dim=[0, *range(2, x.dim())], correction=0)
-        self.count, self.mean, self.m2 = _merge_pooled(self.count, self.mean, self.m2, n, mean, var * n,
-                                                       lambda delta: delta * delta)
-
-
-class PooledCovariance:
-    """Exact per-group count, mean and scatter matrix of (N, C, ...) inputs over several batches, for
-    groups of `group_size` consecutive channels (Chan's merge, in float64)."""
-
-    def __init__(self, group_size: int) -> None:
-        self.group_size = group_size
-        self.count, self.mean, self.scatter = 0, None, None
-
-    def add(self, x: Tensor) -> None:
-        if x.numel() == 0:  # nothing to pool, as for PooledMoments
-            return
-        with torch.no_grad():
-            columns = F._grouped(x.detach().double(), self.group_size)  # (G, group_size, values)
-            mean = columns.mean(-1)
-            centered = columns - mean[..., None]
-            scatter = centered @ centered.transpose(-1, -2)
-        self.count, self.mean, self.scatter = _merge_pooled(
-            self.count, self.mean, self.scatter, columns.shape[-1], mean, scatter,
-            lambda delta: delta[..., :, None] * delta[..., None, :])
+        self.count, self.mean, self.m2 = F.chan_merge(self.count, self.mean, self.m2, n, mean, var * n,
+                                                      lambda delta: delta * delta)
 
 
 @contextmanager
@@ -266,21 +230,60 @@ def accumulate_stats(model: Module) -> Iterator[None]:
             f"accumulate_stats supports batch norm proper; {', '.join(sorted(set(unsupported)))} normalizes "
             "differently (its running state is not batch statistics): leave it out of the accumulated model"
         )
-    layers = [m for m in layers if m.track_running_stats]
-    for m in layers:
-        m.__dict__["_pooled_stats"] = PooledMoments()
-    try:
+    pooled = {m: PooledMoments() for m in layers if m.track_running_stats}
+    for m, moments in pooled.items():
+        m.forward = types.MethodType(_pooling_forward(moments), m)  # an instance attribute: the class's
+    try:  # hot forward stays free of the branch
         yield
-        for m in layers:
-            m._apply_pooled(m.__dict__["_pooled_stats"])
+        for m, moments in pooled.items():
+            m._apply_pooled(moments)
     finally:
-        for m in layers:
-            m.__dict__.pop("_pooled_stats", None)
+        for m in pooled:
+            del m.forward
+
+
+def _pooling_forward(moments: PooledMoments):
+    """A layer's forward inside `accumulate_stats`: a training batch is pooled into `moments` and
+    normalized by its own statistics, with no running update; evaluation is the class's forward."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return type(self).forward(self, input)
+        self.check_input(input)
+        moments.add(input)
+        return self.normalize(input, None, None, True, 0.0)
+
+    return forward
 
 
 def _rank_hint(dims: int) -> str:
     layer = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}.get(dims)
-    return f"use {layer} for {_SHAPES[dims]} input" if layer else ""
+    return f"use {layer} for {SHAPES[dims]} input" if layer else ""
+
+
+_SUFFIX_FOR_RANK = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}
+
+
+class RankFamily:
+    """A rank check whose hint names the sibling layer for the input's rank (MeanOnlyBatchNorm1d for a
+    2D input to MeanOnlyBatchNorm2d), rather than plain batch norm's."""
+
+    family: str = ""
+    family_suffixes: tuple[str, ...] = ("1d", "2d")
+    input_dims: tuple[int, ...]
+
+    def check_rank(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor) or input.dim() in self.input_dims:
+            return
+        wanted = " or ".join(f"{d}D {SHAPES[d]}" for d in self.input_dims)
+        suffix = _SUFFIX_FOR_RANK.get(input.dim())
+        hint = (
+            f"; use {self.family}{suffix} for {SHAPES[input.dim()]} input" if suffix in self.family_suffixes else ""
+        )
+        raise ValueError(
+            f"{type(self).__name__} expected {wanted} input, got {input.dim()}D input of shape "
+            f"{tuple(input.shape)}{hint}"
+        )
 
 
 class BatchNorm1d(BatchNormBase):
@@ -356,7 +359,7 @@ class BatchNorm(BatchNormBase):
     """
 
     def __init__(self, num_features: int, num_dims: Optional[int] = None, *args, **kwargs) -> None:
-        if num_dims is not None and num_dims not in _SHAPES:
+        if num_dims is not None and num_dims not in SHAPES:
             raise ValueError(f"num_dims must be 2, 3, 4 or 5 (the input rank) or None, got {num_dims!r}")
         super().__init__(num_features, *args, **kwargs)
         self.num_dims = num_dims

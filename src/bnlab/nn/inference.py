@@ -22,11 +22,11 @@ import copy
 from typing import Iterable, Optional
 
 import torch
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
-from bnlab.nn.batchnorm import BatchNormBase, PooledCovariance, PooledMoments
+from bnlab.nn.batchnorm import BatchNormBase, PooledMoments
 from bnlab.nn.variants import FrozenBatchNorm
-from bnlab.nn.whitening import _GroupWhitening
+from bnlab.nn.whitening import GroupWhitening, PooledCovariance
 
 __all__ = ["fold_batchnorm", "recomputable", "recompute_stats"]
 
@@ -155,7 +155,7 @@ def _population_estimator(m: nn.Module):
             m.running_var.copy_(moments.m2 / (moments.count - 1))
 
         return PooledMoments(), write_moments
-    if isinstance(m, _GroupWhitening) and m.track_running_stats:
+    if isinstance(m, GroupWhitening) and m.track_running_stats:
         def write_covariance(pooled: PooledCovariance) -> None:
             m.set_population_statistics(pooled.mean.reshape(-1), pooled.scatter / pooled.count)
 

@@ -194,7 +194,7 @@ class GroupNorm(_AffineNorm):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
 
 
-class _InstanceNorm(BatchNormBase):
+class InstanceNormBase(BatchNormBase):
     """The instance norms: BatchNormBase's state and bookkeeping, per-instance statistics, and an
     unbatched input form (no N dim) as torch accepts."""
 
@@ -288,15 +288,15 @@ _INSTANCE_DOC = r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016) 
     """
 
 
-class InstanceNorm1d(_InstanceNorm):
+class InstanceNorm1d(InstanceNormBase):
     batched_dims = 3
 
 
-class InstanceNorm2d(_InstanceNorm):
+class InstanceNorm2d(InstanceNormBase):
     batched_dims = 4
 
 
-class InstanceNorm3d(_InstanceNorm):
+class InstanceNorm3d(InstanceNormBase):
     batched_dims = 5
 
 

@@ -2,7 +2,7 @@
 
 The layer keeps the bookkeeping of `BatchNormBase` (parameters, running statistics, momentum, state
 dict); in training inside a process group of two or more it normalizes with the statistics of the
-global batch over all processes (the math and the collectives live in `bnlab.distributed`), on CPU with
+global batch over all processes (the math and the collectives live in `bnlab.functional.sync`), on CPU with
 gloo as on CUDA with NCCL. Run the distributed examples under ``torchrun`` or `bnlab.distributed.launch`;
 outside a process group the layer is plain batch norm.
 """
@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn import Module
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from bnlab import distributed
+from bnlab import functional as F
 from bnlab.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -34,7 +34,7 @@ class SyncBatchNorm(BatchNormBase):
     every shard is empty, nothing moves: batch norm's empty batch, as torch's). The
     weight and bias gradients are each process's share, which DDP's averaging turns into the right
     gradient when each process backpropagates ``world_size / global_batch`` times the sum of its
-    samples' losses (`bnlab.distributed.ddp_loss`; the module docstring of `bnlab.distributed` derives
+    samples' losses (`bnlab.distributed.ddp_loss`; the module docstring of `bnlab.functional.sync` derives
     it). Every process must run the forward and the backward of every synchronized layer, in the same
     order. Collectives: one all_gather in the forward, one all_reduce in the backward.
 
@@ -94,7 +94,7 @@ class SyncBatchNorm(BatchNormBase):
 
     def synchronizes(self) -> bool:
         """Whether a forward pass now merges statistics across processes (training, group of two or more)."""
-        return self.training and distributed.group_size(self.process_group) > 1
+        return self.training and F.group_size(self.process_group) > 1
 
     def normalize(
         self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -102,7 +102,7 @@ class SyncBatchNorm(BatchNormBase):
     ) -> Tensor:
         if not self.training:  # evaluation never communicates
             return super().normalize(input, running_mean, running_var, use_batch_stats, momentum)
-        return distributed.sync_batch_norm(
+        return F.sync_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, self.process_group
         )
 

@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.nn import Module
 
 from bnlab import functional as F
-from bnlab.nn.batchnorm import _SHAPES, BatchNormBase
-from bnlab.nn.norms import _InstanceNorm
+from bnlab.nn.batchnorm import BatchNormBase, RankFamily
+from bnlab.nn.norms import InstanceNormBase
 
 __all__ = [
     "MeanOnlyBatchNorm1d",
@@ -37,31 +37,6 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
 ]
-
-_SUFFIX_FOR_RANK = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}
-
-
-class _RankFamily:
-    """A rank check whose hint names the sibling layer for the input's rank (MeanOnlyBatchNorm1d for a
-    2D input to MeanOnlyBatchNorm2d), rather than plain batch norm's."""
-
-    family: str = ""
-    family_suffixes: tuple[str, ...] = ("1d", "2d")
-    input_dims: tuple[int, ...]
-
-    def check_rank(self, input: Tensor) -> None:
-        if not isinstance(input, Tensor) or input.dim() in self.input_dims:
-            return
-        wanted = " or ".join(f"{d}D {_SHAPES[d]}" for d in self.input_dims)
-        suffix = _SUFFIX_FOR_RANK.get(input.dim())
-        hint = (
-            f"; use {self.family}{suffix} for {_SHAPES[input.dim()]} input" if suffix in self.family_suffixes else ""
-        )
-        raise ValueError(
-            f"{type(self).__name__} expected {wanted} input, got {input.dim()}D input of shape "
-            f"{tuple(input.shape)}{hint}"
-        )
-
 
 def _document(template: str, **per_class: dict) -> None:
     """Give each class of a 1d/2d pair the family's docstring with its own shapes and example."""
@@ -86,7 +61,7 @@ _BN_ARGS = """num_features: C.
 # ---- the "lite" batch norms ------------------------------------------------------------------------------
 
 
-class _MeanOnlyBatchNorm(_RankFamily, BatchNormBase):
+class _MeanOnlyBatchNorm(RankFamily, BatchNormBase):
     family = "MeanOnlyBatchNorm"
     eval_is_batch_norm = False
 
@@ -135,7 +110,7 @@ _document(
 )
 
 
-class _VarianceOnlyBatchNorm(_RankFamily, BatchNormBase):
+class _VarianceOnlyBatchNorm(RankFamily, BatchNormBase):
     family = "VarianceOnlyBatchNorm"
     eval_is_batch_norm = False
 
@@ -185,7 +160,7 @@ _document(
 # ---- frozen batch norm ---------------------------------------------------------------------------------
 
 
-class FrozenBatchNorm(_RankFamily, Module):
+class FrozenBatchNorm(RankFamily, Module):
     r"""Batch normalization with fixed statistics and affine: every tensor is a buffer.
 
     .. math:: y = \frac{x - \mathrm{running\_mean}}{\sqrt{\mathrm{running\_var} + \epsilon}} \cdot
@@ -288,7 +263,7 @@ _TORCH_RANKS = {torch.nn.BatchNorm1d: (2, 3), torch.nn.BatchNorm2d: (4,), torch.
 
 def _frozen_replacement(m: Module, path: str) -> Optional[Module]:
     """The frozen form of m if it is a batch norm, None if m normalizes otherwise (or not at all)."""
-    if isinstance(m, _InstanceNorm) or not isinstance(m, (BatchNormBase, torch.nn.modules.batchnorm._BatchNorm)):
+    if isinstance(m, InstanceNormBase) or not isinstance(m, (BatchNormBase, torch.nn.modules.batchnorm._BatchNorm)):
         return None  # not batch statistics: layer, group and instance norms keep their behaviour
     where = f"{path or 'the model'} ({type(m).__name__})"
     if not getattr(m, "eval_is_batch_norm", True):
@@ -345,7 +320,7 @@ def _freeze(module: Module, path: str) -> Module:
 # ---- batch renormalization -------------------------------------------------------------------------------
 
 
-class _BatchRenorm(_RankFamily, BatchNormBase):
+class _BatchRenorm(RankFamily, BatchNormBase):
     family = "BatchRenorm"
 
     def __init__(
@@ -486,7 +461,7 @@ _document(
 # ---- ghost batch normalization ---------------------------------------------------------------------------
 
 
-class _GhostBatchNorm(_RankFamily, BatchNormBase):
+class _GhostBatchNorm(RankFamily, BatchNormBase):
     family = "GhostBatchNorm"
 
     def __init__(

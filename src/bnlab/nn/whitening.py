@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab.nn.batchnorm import BatchNormBase
-from bnlab.nn.variants import _RankFamily
+from bnlab.nn.batchnorm import BatchNormBase, RankFamily
 
 __all__ = ["DecorrelatedBatchNorm2d", "IterNorm2d", "PITNorm1d", "PITNorm2d"]
 
@@ -66,7 +65,7 @@ def _checked_group_size(num_features: int, group_size: int, layer: str) -> int:
     return group_size
 
 
-class _GroupWhitening(_RankFamily, _OwnRunningStats):
+class GroupWhitening(RankFamily, _OwnRunningStats):
     """Whitening per group of channels: running mean (C,) and running whitening matrix (G, m, m)."""
 
     family_suffixes = ("2d",)
@@ -118,7 +117,7 @@ _WHITENING_ARGS = """num_features: C.
         bias: keyword-only; False drops the shift. Default: True."""
 
 
-class DecorrelatedBatchNorm2d(_GroupWhitening):
+class DecorrelatedBatchNorm2d(GroupWhitening):
     r"""Decorrelated batch normalization (Huang et al., 2018): ZCA whitening per group of channels.
 
     Per group of `group_size` channels, with X the group's (group_size x n) matrix of values over the
@@ -193,7 +192,7 @@ class DecorrelatedBatchNorm2d(_GroupWhitening):
         )
 
 
-class IterNorm2d(_GroupWhitening):
+class IterNorm2d(GroupWhitening):
     r"""Iterative normalization (Huang et al., 2019): whitening per group of channels by Newton–Schulz.
 
     As `DecorrelatedBatchNorm2d`, with the whitening matrix computed by T Newton–Schulz iterations
@@ -283,7 +282,7 @@ for _layer in (DecorrelatedBatchNorm2d, IterNorm2d):
 # ---- the probability integral transform ------------------------------------------------------------------
 
 
-class _PITNorm(_RankFamily, _OwnRunningStats):
+class _PITNorm(RankFamily, _OwnRunningStats):
     family = "PITNorm"
 
     def __init__(
@@ -395,3 +394,24 @@ for _layer, _shape, _example in (
     (PITNorm2d, "(N, C, H, W)", "32, 3, 8, 8"),
 ):
     _layer.__doc__ = _PIT_DOC.format(shape=_shape, name=_layer.__name__, example_shape=_example)
+
+
+class PooledCovariance:
+    """Exact per-group count, mean and scatter matrix of (N, C, ...) inputs over several batches, for
+    groups of `group_size` consecutive channels (Chan's merge, in float64)."""
+
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
+        self.count, self.mean, self.scatter = 0, None, None
+
+    def add(self, x: Tensor) -> None:
+        if x.numel() == 0:  # nothing to pool, as for PooledMoments
+            return
+        with torch.no_grad():
+            columns = F.grouped(x.detach().double(), self.group_size)  # (G, group_size, values)
+            mean = columns.mean(-1)
+            centered = columns - mean[..., None]
+            scatter = centered @ centered.transpose(-1, -2)
+        self.count, self.mean, self.scatter = F.chan_merge(
+            self.count, self.mean, self.scatter, columns.shape[-1], mean, scatter,
+            lambda delta: delta[..., :, None] * delta[..., None, :])
