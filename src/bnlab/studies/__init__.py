@@ -9,7 +9,7 @@ parallel runner, statistics over seeds, the report and the plots.
 from pathlib import Path
 
 from bnlab.studies import (batch_size, bias, depth, dropout, engine, fixed_affine, lite, population_stats, research,
-                           smoothness)
+                           shift, smoothness)
 from bnlab.studies.batch_size import BatchSize
 from bnlab.studies.bias import Bias
 from bnlab.studies.compare import Compare
@@ -23,9 +23,10 @@ from bnlab.studies.lr_sweep import LrSweep
 from bnlab.studies.placement import Placement
 from bnlab.studies.population_stats import PopulationStats
 from bnlab.studies.research import Research
+from bnlab.studies.shift import Shift
 from bnlab.studies.smoothness import Smoothness
 
-STUDIES: dict[str, Study] = {study.name: study for study in (Compare(), LrSweep(), Placement(), Bias(), Lite(), FixedAffine(), Dropout(), BatchSize(), PopulationStats(), Depth(), LayerNormStudy(), Research(), Smoothness())}
+STUDIES: dict[str, Study] = {study.name: study for study in (Compare(), LrSweep(), Placement(), Bias(), Lite(), FixedAffine(), Dropout(), BatchSize(), PopulationStats(), Depth(), LayerNormStudy(), Research(), Smoothness(), Shift())}
 
 RUN_KINDS: dict[str, RunFunction] = {
     **SHARED_RUN_KINDS,  # "train"
@@ -39,6 +40,7 @@ RUN_KINDS: dict[str, RunFunction] = {
     "population-stats": population_stats.train_and_predict,
     "research": research.research_run,
     "smoothness": smoothness.smoothness_run,
+    "shift": shift.shift_run,
 }
 
 
