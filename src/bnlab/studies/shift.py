@@ -30,10 +30,17 @@ from bnlab.studies.engine import (FULL_SEEDS, Outcome, Report, Run, RunContext, 
 
 NORMS = {"batchnorm": {}, "groupnorm": {"norm": "groupnorm"}, "layernorm": {"norm": "layernorm"}}
 BATCH_SIZES = {"full": (8, 32, 128), "quick": (8, 128)}
+SEVERITY_LEVELS = {"full": (1, 2, 3), "quick": (3,)}  # --quick: the strongest level only
+QUICK_TEST_SUBSET = 1000
 ADAPTING = ("batch-stats", "tent")  # the methods whose result depends on the target batch size
 TENT_LR = 1e-3
 EVAL_BATCH = 1000  # none and adabn: the batch size only groups the work
-CONDITIONS = [("clean", 0)] + [(name, s) for name in CORRUPTIONS for s in (1, 2, 3)]
+
+
+def conditions(severities) -> list[tuple[str, int]]:
+    """(corruption, severity) pairs evaluated: the clean test set ("clean", 0), then every corruption at
+    every severity of `severities`."""
+    return [("clean", 0)] + [(name, s) for name in CORRUPTIONS for s in severities]
 
 
 def _key(corruption: str, severity: int) -> str:
@@ -44,11 +51,12 @@ def _accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
     return round(float((outputs.argmax(1) == labels).double().mean()), 4)
 
 
-def accuracies_under_shift(net, images: torch.Tensor, labels: torch.Tensor, batch_sizes, adaptable: bool) -> dict:
-    """{condition: {method or method@batch: test accuracy}} for every corruption and severity of CONDITIONS;
+def accuracies_under_shift(net, images: torch.Tensor, labels: torch.Tensor, batch_sizes, severities,
+                           adaptable: bool) -> dict:
+    """{condition: {method or method@batch: test accuracy}} for every condition of `conditions(severities)`;
     only "none" for a network without batch norm."""
     results = {}
-    for name, severity in CONDITIONS:
+    for name, severity in conditions(severities):
         x = images if severity == 0 else corrupt(images, name, severity, seed=severity)
         with torch.no_grad():
             row = {"none": _accuracy(torch.cat([net(b) for b in x.split(EVAL_BATCH)]), labels)}
@@ -72,7 +80,7 @@ def shift_run(params: dict, context: RunContext) -> dict:
     dataset = context.dataset().subset(train.get("train_subset"), train.get("test_subset"), seed=train["seed"])
     adaptable = not train["model_options"]  # batch norm; the controls have no statistics
     return {**result, "accuracy": accuracies_under_shift(net, to_input(dataset.test_images), dataset.test_labels,
-                                                         params["batch_sizes"], adaptable)}
+                                                         params["batch_sizes"], params["severities"], adaptable)}
 
 
 def _methods(batch_sizes) -> list[str]:
@@ -87,12 +95,19 @@ class Shift(Study):
     full_runtime = "about 40 minutes on 2 cores (9 runs of 10 epochs, then 19 test conditions each, --jobs 1)"
 
     def runs(self, settings: Settings) -> list[Run]:
-        sizes = BATCH_SIZES["quick" if settings.quick else "full"]
-        return [Run("shift", {"train": training_params("current", settings, seed, options), "batch_sizes": list(sizes)})
+        mode = "quick" if settings.quick else "full"
+        return [Run("shift", {"train": self._training(settings, seed, options), "batch_sizes": list(BATCH_SIZES[mode]),
+                              "severities": list(SEVERITY_LEVELS[mode])})
                 for options in NORMS.values() for seed in settings.seed_list(FULL_SEEDS)]
 
+    @staticmethod
+    def _training(settings: Settings, seed: int, options: dict) -> dict:
+        params = training_params("current", settings, seed, options)
+        return {**params, "test_subset": QUICK_TEST_SUBSET} if settings.quick else params
+
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
-        sizes = BATCH_SIZES["quick" if settings.quick else "full"]
+        mode = "quick" if settings.quick else "full"
+        sizes, levels = BATCH_SIZES[mode], (0, *SEVERITY_LEVELS[mode])  # 0: clean
         acc = defaultdict(list)  # (norm, condition, method) -> accuracies over seeds
         diverged = 0
         for o in outcomes:
@@ -103,7 +118,7 @@ class Shift(Study):
             for condition, row in o.result["accuracy"].items():
                 for method, value in row.items():
                     acc[(norm, condition, method)].append(value)
-        mean_over = self._severity_means(acc, sizes)
+        mean_over = self._severity_means(acc, sizes, levels)
         conclusions = self._conclusions(acc, mean_over, sizes)
         if diverged:
             conclusions.append(f"{diverged} run(s) diverged and are left out of every statistic.")
@@ -111,7 +126,7 @@ class Shift(Study):
             title="shift: batch norm when the test data moves",
             question=self.question,
             settings={
-                "data": "Fashion-MNIST" + (" (seeded subsets: 6000 train / 2000 test)" if settings.quick
+                "data": "Fashion-MNIST" + (f" (seeded subsets: 6000 train / {QUICK_TEST_SUBSET} test)" if settings.quick
                                            else " (60000 train / 10000 test)"),
                 "training": "the chapter's current setting: lr 0.1, batch 128, plain SGD, "
                             f"{training_params('current', settings, 0, {})['epochs']} epochs, clean images",
@@ -123,33 +138,33 @@ class Shift(Study):
                 "seeds": len(settings.seed_list(FULL_SEEDS)),
             },
             varied={"norm": list(NORMS), "target batch size (batch-stats, tent)": list(sizes),
-                    "condition": [_key(*c) for c in CONDITIONS]},
-            sections=[("Mean test accuracy over the six corruptions, per severity", self._severity_table(mean_over, sizes)),
+                    "condition": [_key(*c) for c in conditions(levels[1:])]},
+            sections=[("Mean test accuracy over the six corruptions, per severity", self._severity_table(mean_over, sizes, levels)),
                       ("Accuracy at severity 3 per corruption (batch norm)", self._corruption_table(acc, sizes)),
                       ("Target batch size: mean accuracy over every corrupted condition (batch norm)",
-                       self._batch_size_table(acc, sizes))],
+                       self._batch_size_table(acc, sizes, levels))],
             conclusions=conclusions,
-            plots=[self._plot(mean_over, sizes, settings)],
+            plots=[self._plot(mean_over, sizes, levels, settings)],
         )
 
     @staticmethod
-    def _severity_means(acc, sizes) -> dict:
+    def _severity_means(acc, sizes, levels) -> dict:
         """(norm, severity, method) -> per seed, the mean accuracy over the corruptions at that severity."""
         out = {}
         for norm in NORMS:
-            for severity in (0, 1, 2, 3):
-                conditions = ["clean/0"] if severity == 0 else [_key(n, severity) for n in CORRUPTIONS]
+            for severity in levels:
+                keys = ["clean/0"] if severity == 0 else [_key(n, severity) for n in CORRUPTIONS]
                 for method in _methods(sizes):
-                    columns = [acc[(norm, c, method)] for c in conditions]
+                    columns = [acc[(norm, c, method)] for c in keys]
                     if all(columns):
                         out[(norm, severity, method)] = [sum(v) / len(v) for v in zip(*columns)]
         return out
 
     @staticmethod
-    def _severity_table(mean_over, sizes) -> str:
-        rows = [[norm, method] + [fmt(mean_over.get((norm, s, method), [])) for s in (0, 1, 2, 3)]
+    def _severity_table(mean_over, sizes, levels) -> str:
+        rows = [[norm, method] + [fmt(mean_over.get((norm, s, method), [])) for s in levels]
                 for norm in NORMS for method in _methods(sizes) if (norm, 0, method) in mean_over]
-        return markdown_table(["norm", "method", "clean", "severity 1", "severity 2", "severity 3"], rows)
+        return markdown_table(["norm", "method", "clean"] + [f"severity {s}" for s in levels[1:]], rows)
 
     @staticmethod
     def _corruption_table(acc, sizes) -> str:
@@ -160,8 +175,8 @@ class Shift(Study):
         return markdown_table(["corruption"] + [f"BN {m}" for m in methods] + ["GroupNorm", "LayerNorm"], rows)
 
     @staticmethod
-    def _batch_size_table(acc, sizes) -> str:
-        corrupted = [_key(n, s) for n in CORRUPTIONS for s in (1, 2, 3)]
+    def _batch_size_table(acc, sizes, levels) -> str:
+        corrupted = [_key(*c) for c in conditions(levels[1:])[1:]]
 
         def overall(method):
             columns = [acc[("batchnorm", c, method)] for c in corrupted]
@@ -205,10 +220,9 @@ class Shift(Study):
         return lines
 
     @staticmethod
-    def _plot(mean_over, sizes, settings):
+    def _plot(mean_over, sizes, severities, settings):
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
-        severities = [0, 1, 2, 3]
         curves = [("batchnorm", m) for m in ("none", "adabn", f"batch-stats@{max(sizes)}", f"tent@{max(sizes)}",
                                                f"tent@{min(sizes)}")]
         curves += [("groupnorm", "none"), ("layernorm", "none")]
@@ -216,7 +230,7 @@ class Shift(Study):
             if all((norm, s, method) in mean_over for s in severities):
                 means = [mean_std(mean_over[(norm, s, method)])[0] for s in severities]
                 ax.plot(severities, means, "o-" if norm == "batchnorm" else "s--", label=f"{norm}: {method}")
-        ax.set_xticks(severities, ["clean", "1", "2", "3"])
+        ax.set_xticks(severities, ["clean"] + [str(s) for s in severities[1:]])
         ax.set_xlabel("severity")
         ax.set_ylabel("test accuracy (mean over corruptions and seeds)")
         ax.grid(alpha=0.3)
