@@ -505,10 +505,13 @@ def diagnose(model: nn.Module, batches: Optional[Iterable] = None, *,
         A `Diagnosis`: `findings`, `checked`, `skipped`, `healthy`, `to_markdown()`, `to_dict()`, str().
 
     Example:
-        >>> import torch
+        >>> import torch, bnlab.nn
         >>> from bnlab.doctor import diagnose
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, bias=False), torch.nn.BatchNorm2d(4)).eval()
-        >>> d = diagnose(net, [torch.randn(16, 1, 6, 6)], per_device_batch=64)
+        >>> batches = [torch.randn(16, 1, 6, 6) for _ in range(2)]
+        >>> diagnose(net, batches, per_device_batch=64).codes()  # statistics still at their initial 0 and 1
+        ['stale-running-stats']
+        >>> d = diagnose(bnlab.nn.recompute_stats(net, batches), batches, per_device_batch=64)
         >>> d.healthy, d.codes()
         (True, [])
     """
