@@ -30,15 +30,15 @@ def check_report_structure(report, out):
         assert (out / name).read_bytes()[:8] == PNG, name
 
 
-def test_study_list_names_all_thirteen_with_runtimes(capsys):
+def test_study_list_names_all_fourteen_with_runtimes(capsys):
     assert main(["study", "list"]) == 0
     listing = capsys.readouterr().out
     names = ["compare", "lr-sweep", "placement", "bias", "lite", "fixed-affine", "dropout", "batch-size",
-             "population-stats", "depth", "layer-norm", "research", "smoothness"]
+             "population-stats", "depth", "layer-norm", "research", "smoothness", "shift"]
     assert list(studies.STUDIES) == names
     for name in names:
         assert f"{name:>17}  " in listing
-    assert listing.count("full run: about") == 13
+    assert listing.count("full run: about") == 14
 
 
 @pytest.fixture(scope="module")
