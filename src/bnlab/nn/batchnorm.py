@@ -231,14 +231,23 @@ def accumulate_stats(model: Module) -> Iterator[None]:
             "differently (its running state is not batch statistics): leave it out of the accumulated model"
         )
     pooled = {m: PooledMoments() for m in layers if m.track_running_stats}
-    for m, moments in pooled.items():
-        m.forward = types.MethodType(_pooling_forward(moments), m)  # an instance attribute: the class's
-    try:  # hot forward stays free of the branch
+    with forwards_replaced({m: _pooling_forward(moments) for m, moments in pooled.items()}):
         yield
         for m, moments in pooled.items():
             m._apply_pooled(moments)
+
+
+@contextmanager
+def forwards_replaced(forwards: dict) -> Iterator[None]:
+    """For the block, each module in `forwards` runs the function it maps to as its forward (bound to
+    the module). An instance attribute, removed on leaving: the class's hot forward carries no branch
+    for the context managers that use this (`accumulate_stats`, `functional_call`)."""
+    for m, forward in forwards.items():
+        m.forward = types.MethodType(forward, m)
+    try:
+        yield
     finally:
-        for m in pooled:
+        for m in forwards:
             del m.forward
 
 

@@ -22,7 +22,6 @@ Example, a pure SGD step under torch.func::
 
 from __future__ import annotations
 
-import types
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional
 
@@ -31,7 +30,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from bnlab import functional as F
-from bnlab.nn.batchnorm import BatchNormBase
+from bnlab.nn.batchnorm import BatchNormBase, forwards_replaced
 
 __all__ = ["functional_call"]
 
@@ -92,8 +91,8 @@ def functional_call(
 @contextmanager
 def _reporting_batch_norms(module: Module, updates: dict[str, Tensor]) -> Iterator[None]:
     """Give every training-mode batch norm that tracks statistics a forward that reports its new
-    statistics into `updates` (an instance attribute, so the class's hot forward stays as it is)."""
-    patched = []
+    statistics into `updates`."""
+    forwards = {}
     for name, m in module.named_modules():
         if not (m.training and getattr(m, "track_running_stats", False) and m.running_mean is not None):
             continue
@@ -103,14 +102,9 @@ def _reporting_batch_norms(module: Module, updates: dict[str, Tensor]) -> Iterat
                 "that is not batch norm's statistics, so its new state cannot be returned; put it in eval "
                 "mode or build it with track_running_stats=False"
             )
-        prefix = f"{name}." if name else ""
-        m.forward = types.MethodType(_reporting_forward(prefix, updates), m)
-        patched.append(m)
-    try:
+        forwards[m] = _reporting_forward(f"{name}." if name else "", updates)
+    with forwards_replaced(forwards):
         yield
-    finally:
-        for m in patched:
-            del m.forward
 
 
 def _reporting_forward(prefix: str, updates: dict[str, Tensor]):
