@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from bnlab import kernels
-from bnlab.functional.core import check_batch_size, check_input, check_mode, compute_dtype, empty_batch, in_graph, in_layout_of, moved, per_channel, reduce_dims, unbiased, update_running
+from bnlab.functional.core import check_batch_size, check_arguments, check_mode, compute_dtype, empty_batch, in_graph, in_layout_of, moved, per_channel, reduce_dims, unbiased, update_running
 
 __all__ = [
     "batch_norm", "batch_norm_with_stats", "batch_norm_checked", "batch_norm_unchecked", "backward_torch",
@@ -82,10 +82,7 @@ def batch_norm(
         >>> bool(y.mean(dim=(0, 2, 3)).abs().max() < 1e-5), bool((mean != 0).all())
         (True, True)
     """
-    check_input(
-        input,
-        tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
-    )
+    check_arguments(input, running_mean, running_var, weight, bias)
     return batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -123,10 +120,7 @@ def batch_norm_with_stats(
         >>> torch.allclose(new_mean, x.mean(0)), torch.allclose(new_var, x.var(0)), bool((mean == 0).all())
         (True, True, True)
     """
-    check_input(
-        input,
-        tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
-    )
+    check_arguments(input, running_mean, running_var, weight, bias)
     if input.numel() == 0:
         return empty_batch(input, weight, bias), running_mean, running_var
     check_batch_size(input)

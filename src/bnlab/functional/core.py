@@ -4,7 +4,8 @@ empty-batch rule, the graph test, the per-channel helpers and the one running-av
 The running statistics move by torch's convention, ``running = (1 - momentum) * running + momentum *
 batch`` (`moved`, `update_running`), the variance entering unbiased (`unbiased`); Keras/Flax and
 MXNet/the D2L chapter count the other way (`convert_momentum`). Chan's merge of pooled moments
-(`chan_merge`) serves the exact statistics over several batches.
+(`chan_merge`, and `chan_merge_all` over many sets at once) serves the exact statistics over several
+batches, and over the processes of a group.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from torch import Tensor
 
 
 __all__ = [
-    "convert_momentum", "check_input", "check_batch_size", "check_mode", "empty_batch", "in_graph",
+    "convert_momentum", "check_input", "check_arguments", "check_batch_size", "check_mode", "empty_batch", "in_graph",
     "reduce_dims", "per_channel", "compute_dtype", "moved", "update_running", "unbiased", "in_layout_of",
     "per_channel_affine", "upcast", "check_floating", "grouped", "ungrouped", "MOMENTUM_CONVENTIONS",
-    "FLOATING", "chan_merge",
+    "FLOATING", "chan_merge", "chan_merge_all",
 ]
 
 
@@ -108,6 +109,16 @@ def check_input(
                 f"{name} has {t.numel()} values but the input has {channels} channels "
                 f"(input shape {tuple(input.shape)}); they must match"
             )
+
+
+def check_arguments(input: Tensor, running_mean=None, running_var=None, weight=None, bias=None) -> None:
+    """`check_input` for the torch-style argument list ``(input, running_mean, running_var, weight, bias,
+    ...)`` that the family's functions share: the input, and each per-channel tensor given (not None)
+    against its C, named as the argument is in the error."""
+    check_input(
+        input,
+        tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
+    )
 
 
 def check_batch_size(input: Tensor) -> None:
@@ -253,3 +264,14 @@ def chan_merge(count: int, mean, second, n: int, batch_mean, batch_second, outer
     total = count + n
     delta = batch_mean - mean
     return total, mean + delta * (n / total), second + batch_second + outer(delta) * (count * n / total)
+
+
+def chan_merge_all(counts: Sequence[int], means, seconds, outer):
+    """`chan_merge` folded over several sets, in order: (total count, mean, second moment) of the sets
+    together, from each one's count, mean and second moment about its mean (``means[i]``,
+    ``seconds[i]``); sets with no values are passed over. (0, None, None) when every set is empty."""
+    total, mean, second = 0, None, None
+    for count, set_mean, set_second in zip(counts, means, seconds):
+        if count:
+            total, mean, second = chan_merge(total, mean, second, count, set_mean, set_second, outer)
+    return total, mean, second

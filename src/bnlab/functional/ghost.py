@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from bnlab.functional.batch_norm import batch_norm
-from bnlab.functional.core import check_input
+from bnlab.functional.core import check_arguments
 
 __all__ = ["ghost_batch_sizes", "ghost_batch_norm"]
 
@@ -67,10 +67,7 @@ def ghost_batch_norm(
         )
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
-    check_input(
-        input,
-        tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
-    )
+    check_arguments(input, running_mean, running_var, weight, bias)
     ghosts = torch.split(input, ghost_batch_sizes(input.shape[0], ghost_batch_size))
     outputs = []
     for index, ghost in enumerate(ghosts):

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bnlab.functional.core import check_input, check_mode, compute_dtype, empty_batch, in_graph, per_channel, per_channel_affine, reduce_dims, unbiased, update_running
+from bnlab.functional.core import check_arguments, check_mode, compute_dtype, empty_batch, in_graph, per_channel, per_channel_affine, reduce_dims, unbiased, update_running
 
 __all__ = [
     "MeanOnlyBatchNormFunction", "VarianceOnlyBatchNormFunction", "mean_only_batch_norm",
@@ -28,13 +28,25 @@ def _channel_moments(x: Tensor, running_mean, running_var, training: bool, momen
     return mean, var
 
 
-def _check_lite_arguments(input, running_mean, running_var, weight, bias, training) -> None:
-    check_input(
-        input,
-        tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
-    )
-    if input.numel():  # an empty batch is batch norm's empty batch, in either mode
-        check_mode(input, running_mean, running_var, training)
+def _lite_batch_norm(function, forward, input, running_mean, running_var, weight, bias, training, *rest):
+    """What the two lite norms share around their math: the checks, the empty batch (batch norm's, in
+    either mode), and the choice between the plain-ops `forward` (in a graph, where autograd and
+    torch.func differentiate it) and the hand-differentiated `function`."""
+    check_arguments(input, running_mean, running_var, weight, bias)
+    if input.numel() == 0:
+        return empty_batch(input, weight, bias)
+    check_mode(input, running_mean, running_var, training)
+    if in_graph(input):
+        return forward(input, weight, bias, running_mean, running_var, training, *rest)[0]
+    return function.apply(input, weight, bias, running_mean, running_var, training, *rest)
+
+
+def _saved_for_backward(ctx, dy):
+    """The start of both backwards: the saved input, weight and per-channel statistic; the input and dy
+    in the compute dtype; the dims the statistics reduce over."""
+    input, weight, statistic = ctx.saved_tensors
+    x = input.to(compute_dtype(input.dtype))
+    return input, weight, statistic, x, dy.to(x.dtype), reduce_dims(x)
 
 
 def _mean_only_forward(input, weight, bias, running_mean, running_var, training, momentum):
@@ -76,10 +88,7 @@ class MeanOnlyBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        input, weight, mean = ctx.saved_tensors
-        x = input.to(compute_dtype(input.dtype))
-        dy = dy.to(x.dtype)
-        dims = reduce_dims(x)
+        input, weight, mean, x, dy, dims = _saved_for_backward(ctx, dy)
         if ctx.training:
             mean = x.mean(dims)  # a function of x, for double backward
         centered = x - per_channel(mean, x)
@@ -124,10 +133,7 @@ class VarianceOnlyBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        input, weight, invstd = ctx.saved_tensors
-        x = input.to(compute_dtype(input.dtype))
-        dy = dy.to(x.dtype)
-        dims = reduce_dims(x)
+        input, weight, invstd, x, dy, dims = _saved_for_backward(ctx, dy)
         if ctx.training:
             var, mean = torch.var_mean(x, dim=dims, correction=0)
             invstd = torch.rsqrt(var + ctx.eps)  # a function of x, for double backward
@@ -172,12 +178,8 @@ def mean_only_batch_norm(
         >>> bool(y.mean(0).abs().max() < 1e-5), bool(torch.allclose(y.std(0), x.std(0)))
         (True, True)
     """
-    _check_lite_arguments(input, running_mean, running_var, weight, bias, training)
-    if input.numel() == 0:
-        return empty_batch(input, weight, bias)
-    if in_graph(input):
-        return _mean_only_forward(input, weight, bias, running_mean, running_var, training, momentum)[0]
-    return MeanOnlyBatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum)
+    return _lite_batch_norm(MeanOnlyBatchNormFunction, _mean_only_forward, input, running_mean, running_var, weight,
+                            bias, training, momentum)
 
 
 def variance_only_batch_norm(
@@ -204,11 +206,5 @@ def variance_only_batch_norm(
         >>> bool(torch.allclose(y.var(0, correction=0), torch.ones(3), atol=1e-4))
         True
     """
-    _check_lite_arguments(input, running_mean, running_var, weight, bias, training)
-    if input.numel() == 0:
-        return empty_batch(input, weight, bias)
-    if in_graph(input):
-        return _variance_only_forward(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
-    return VarianceOnlyBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, training, momentum, eps
-    )
+    return _lite_batch_norm(VarianceOnlyBatchNormFunction, _variance_only_forward, input, running_mean, running_var,
+                            weight, bias, training, momentum, eps)

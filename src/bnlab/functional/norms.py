@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from bnlab.functional.batch_norm import batch_norm, batch_norm_unchecked, standardize
-from bnlab.functional.core import check_floating, check_input, empty_batch, per_channel_affine, upcast
+from bnlab.functional.core import check_floating, check_arguments, empty_batch, per_channel_affine, upcast
 
 __all__ = ["layer_norm", "group_norm", "instance_norm"]
 
@@ -84,7 +84,7 @@ def group_norm(
         >>> bool(y.reshape(2, 3, -1).mean(-1).abs().max() < 1e-5)
         True
     """
-    check_input(input, tensors=(("weight", weight), ("bias", bias)))
+    check_arguments(input, weight=weight, bias=bias)
     channels = input.shape[1]
     if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
         raise ValueError(
@@ -124,10 +124,7 @@ def instance_norm(
         >>> bool(y.mean(-1).abs().max() < 1e-5)
         True
     """
-    check_input(
-        input,
-        tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
-    )
+    check_arguments(input, running_mean, running_var, weight, bias)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("instance_norm needs running_mean and running_var when use_input_stats=False")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from bnlab.functional.batch_norm import batch_norm
-from bnlab.functional.core import check_batch_size, check_input, compute_dtype, empty_batch, grouped, in_graph, per_channel_affine, ungrouped, update_running
+from bnlab.functional.core import check_batch_size, check_arguments, compute_dtype, empty_batch, grouped, in_graph, per_channel_affine, ungrouped, update_running
 
 __all__ = ["gaussian_levels", "pit_norm"]
 
@@ -142,10 +142,7 @@ def pit_norm(
         >>> torch.equal(y.sort(0).values.squeeze(1), ranks_gaussian)
         True
     """
-    check_input(
-        input,
-        tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
-    )
+    check_arguments(input, running_mean, running_var, weight, bias)
     if running_quantiles is not None and (running_quantiles.dim() != 2 or running_quantiles.shape[0] != input.shape[1]):
         raise ValueError(
             f"running_quantiles must have shape (C, K) with C = {input.shape[1]} channels, got "

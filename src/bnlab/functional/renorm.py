@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from bnlab.functional.batch_norm import batch_norm
-from bnlab.functional.core import check_batch_size, check_input, compute_dtype, in_graph, reduce_dims
+from bnlab.functional.core import check_batch_size, check_arguments, compute_dtype, in_graph, reduce_dims
 
 __all__ = ["batch_renorm", "renorm_corrections"]
 
@@ -51,10 +51,7 @@ def batch_renorm(
         >>> bool(torch.allclose(y, batch_norm(x, mean, var, training=True)))
         True
     """
-    check_input(
-        input,
-        tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
-    )
+    check_arguments(input, running_mean, running_var, weight, bias)
     if running_mean is None or running_var is None:
         raise ValueError(
             "batch_renorm needs running_mean and running_var: r and d correct the batch statistics towards "

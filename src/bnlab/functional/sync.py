@@ -12,7 +12,9 @@ M2_p = sum (x - mean_p)^2:
     M2   = sum_p M2_p + sum_p n_p * (mean_p - mean)^2      (Chan et al.; every term >= 0)
     var  = M2 / n                                           (the running variance gets M2 / (n - 1))
 
-merged in float64, so there is no E[x^2] - E[x]^2 cancellation. With xc = x - mean, invstd =
+merged in float64 by Chan's pairwise update, process after process in rank order
+(`bnlab.functional.core.chan_merge_all`, the merge `accumulate_stats` pools batches with), so there is
+no E[x^2] - E[x]^2 cancellation. With xc = x - mean, invstd =
 1 / sqrt(var + eps) and the sums over all processes, the hand-derived backward is
 
     dx          = weight * invstd * (dy - sum(dy) / n - xc * invstd^2 * sum(dy * xc) / n)
@@ -50,8 +52,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from bnlab.functional.batch_norm import batch_norm
-from bnlab.functional.core import (check_input, compute_dtype, in_graph, moved, per_channel, per_channel_affine,
-                                   reduce_dims, update_running)
+from bnlab.functional.core import (chan_merge_all, check_arguments, compute_dtype, in_graph, moved, per_channel,
+                                   per_channel_affine, reduce_dims, update_running)
 
 __all__ = ["sync_batch_norm", "SyncBatchNormFunction", "group_size"]
 
@@ -121,10 +123,7 @@ def sync_batch_norm(
     """
     if group_size(process_group) == 1:
         return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
-    check_input(
-        input,
-        tensors=(("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)),
-    )
+    check_arguments(input, running_mean, running_var, weight, bias)
     _check_backend(input, process_group)
     if in_graph(input):
         return _sync_batch_norm_in_graph(input, running_mean, running_var, weight, bias, momentum, eps, process_group)
@@ -208,22 +207,23 @@ class SyncBatchNormFunction(torch.autograd.Function):
             local[1 : channels + 1] = mean
             local[channels + 1 :] = var.double() * count
         gathered = _all_gather_rows(local, process_group)
-        counts, means, m2s = gathered[:, :1], gathered[:, 1 : channels + 1], gathered[:, channels + 1 :]
-        total = int(counts.sum().item())
+        counts = [int(count) for count in gathered[:, 0].tolist()]
+        total, mean, m2 = chan_merge_all(counts, gathered[:, 1 : channels + 1], gathered[:, channels + 1 :],
+                                         lambda delta: delta * delta)
         if total == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got {total} over all "
                 f"{gathered.shape[0]} processes (this process's input size {tuple(input.shape)}); use a larger "
                 "global batch, or call .eval() to normalize with the running statistics"
             )
-        # Every shard empty (total 0, seen by every process alike): torch's empty batch. The output is
-        # empty, the running statistics stay, and mean 0 and var 1 keep the weight gradient 0, not NaN.
-        mean = (counts * means).sum(0) / max(total, 1)
-        m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
-        var = m2 / total if total else torch.ones_like(m2)
         if total:
+            var = m2 / total
             update_running(running_mean, mean, momentum)
             update_running(running_var, m2 / (total - 1), momentum)
+        else:
+            # Every shard empty (seen by every process alike): torch's empty batch. The output is empty,
+            # the running statistics stay, and mean 0 and var 1 keep the weight gradient 0, not NaN.
+            mean, var = local.new_zeros(channels), local.new_ones(channels)
 
         mean, invstd = mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
         scale = invstd if weight is None else invstd * weight.to(x.dtype)

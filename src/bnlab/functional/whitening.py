@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bnlab.functional.core import check_input, compute_dtype, empty_batch, grouped, per_channel_affine, ungrouped, update_running
+from bnlab.functional.core import check_arguments, compute_dtype, empty_batch, grouped, per_channel_affine, ungrouped, update_running
 
 __all__ = [
     "zca_whitening_matrix", "newton_schulz_whitening_matrix", "decorrelated_batch_norm",
@@ -70,10 +70,7 @@ def newton_schulz_whitening_matrix(covariance: Tensor, iterations: int = 5) -> T
 
 def _whiten(input, running_mean, running_whitening, weight, bias, training, momentum, eps, group_size,
             whitening_matrix, name):
-    check_input(
-        input,
-        tensors=(("running_mean", running_mean), ("weight", weight), ("bias", bias)),
-    )
+    check_arguments(input, running_mean, None, weight, bias)
     channels = input.shape[1]
     if not isinstance(group_size, int) or group_size < 1 or channels % group_size:
         raise ValueError(
