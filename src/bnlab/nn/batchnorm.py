@@ -11,6 +11,7 @@ makes the running statistics a cumulative (equal-weight) average of every batch 
 
 from __future__ import annotations
 
+import string
 import types
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -39,6 +40,19 @@ __all__ = [
 SHAPES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 
 
+def document(template: str, layers: dict, **shared: str) -> None:
+    """Give each layer of a family its docstring from the family's one `template`: the one way layer
+    docstrings are generated in `bnlab.nn`.
+
+    `template` is a `string.Template` (``$name`` or ``${name}`` placeholders, so LaTeX braces stay as
+    written); each layer gets it filled with its own class name (``$name``), its fields (`layers` maps
+    each class to a dict of them, e.g. its input shape and example) and the `shared` fields (e.g. the
+    constructor's argument list). A missing field is a KeyError at import.
+    """
+    for layer, fields in layers.items():
+        layer.__doc__ = string.Template(template).substitute(shared, name=layer.__name__, **fields)
+
+
 class BatchNormBase(Module):
     """State shared by the batch-norm family: affine parameters, running statistics, momentum.
 
@@ -52,6 +66,8 @@ class BatchNormBase(Module):
     # True when eval mode is batch norm's per-channel affine map with the running statistics and
     # training normalizes by batch statistics: what fold_batchnorm and recompute_stats rely on.
     eval_is_batch_norm: bool = True
+    # The subclass's own constructor options, shown after batch norm's in the repr, in this order.
+    repr_options: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -112,9 +128,10 @@ class BatchNormBase(Module):
                 init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
+        options = "".join(f", {name}={getattr(self, name)}" for name in self.repr_options)
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}{options}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
@@ -367,6 +384,8 @@ class BatchNorm(BatchNormBase):
         (torch.Size([8, 6, 24, 24]), torch.Size([6]))
     """
 
+    repr_options = ("num_dims",)
+
     def __init__(self, num_features: int, num_dims: Optional[int] = None, *args, **kwargs) -> None:
         if num_dims is not None and num_dims not in SHAPES:
             raise ValueError(f"num_dims must be 2, 3, 4 or 5 (the input rank) or None, got {num_dims!r}")
@@ -374,9 +393,6 @@ class BatchNorm(BatchNormBase):
         self.num_dims = num_dims
         if num_dims is not None:
             self.input_dims = (num_dims,)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", num_dims={self.num_dims}"
 
     gamma = property(lambda self: self.weight, doc="The chapter's name for the scale `weight`.")
     beta = property(lambda self: self.bias, doc="The chapter's name for the shift `bias`.")

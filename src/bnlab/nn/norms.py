@@ -28,15 +28,19 @@ from torch import Tensor
 from torch.nn import Module, Parameter, init
 
 from bnlab import functional as F
-from bnlab.nn.batchnorm import BatchNormBase
+from bnlab.nn.batchnorm import BatchNormBase, document
 
 __all__ = ["LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
 class _AffineNorm(Module):
-    """What LayerNorm and GroupNorm share: an optional learned scale (initialized to ones) and shift (zeros)."""
+    """What LayerNorm and GroupNorm share: eps, and an optional learned scale (initialized to ones) and
+    shift (zeros)."""
 
-    def _init_affine(self, shape: tuple[int, ...], affine: bool, bias: bool, device, dtype) -> None:
+    def _init_affine(self, eps: float, shape: tuple[int, ...], affine: bool, bias: bool, device, dtype) -> None:
+        if eps <= 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.eps = eps
         if affine:
             self.weight = Parameter(torch.empty(shape, device=device, dtype=dtype))
             self.bias = Parameter(torch.empty(shape, device=device, dtype=dtype)) if bias else None
@@ -105,12 +109,9 @@ class LayerNorm(_AffineNorm):
                 f"normalized_shape must be a positive int or a non-empty sequence of them (the trailing "
                 f"dims to normalize over), got {normalized_shape!r}"
             )
-        if eps <= 0:
-            raise ValueError(f"eps must be positive, got {eps}")
         self.normalized_shape = shape
-        self.eps = eps
         self.elementwise_affine = elementwise_affine
-        self._init_affine(shape, elementwise_affine, bias, device, dtype)
+        self._init_affine(eps, shape, elementwise_affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -178,13 +179,10 @@ class GroupNorm(_AffineNorm):
                 f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}); "
                 f"choose num_groups among {divisors}"
             )
-        if eps <= 0:
-            raise ValueError(f"eps must be positive, got {eps}")
         self.num_groups = num_groups
         self.num_channels = num_channels
-        self.eps = eps
         self.affine = affine
-        self._init_affine((num_channels,), affine, bias, device, dtype)
+        self._init_affine(eps, (num_channels,), affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         F.check_input(input, self.num_channels)
@@ -245,9 +243,9 @@ class InstanceNormBase(BatchNormBase):
         )
 
 
-_INSTANCE_DOC = r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016) of {shape} input.
+_INSTANCE_DOC = r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016) of $shape input.
 
-    .. math:: y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} \cdot \gamma + \beta
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
 
     The mean and biased variance are per (sample, channel), over the positions. With
     ``track_running_stats=True`` training also moves running statistics towards the batch average of
@@ -268,23 +266,23 @@ _INSTANCE_DOC = r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016) 
         bias: keyword-only; False drops the shift. Default: True.
 
     Shape:
-        - Input: {shape} or unbatched {unbatched}
+        - Input: $shape or unbatched $unbatched
         - Output: the same shape.
 
     Example:
         >>> import torch, bnlab.nn
-        >>> norm = bnlab.nn.{name}(3, affine=True)
-        >>> norm(torch.randn({example})).shape
-        torch.Size([{example}])
+        >>> norm = bnlab.nn.$name(3, affine=True)
+        >>> norm(torch.randn($example)).shape
+        torch.Size([$example])
 
     Reference::
 
-        @article{{ulyanov2016instance,
-          title={{Instance Normalization: The Missing Ingredient for Fast Stylization}},
-          author={{Ulyanov, Dmitry and Vedaldi, Andrea and Lempitsky, Victor}},
-          journal={{arXiv preprint arXiv:1607.08022}},
-          year={{2016}}
-        }}
+        @article{ulyanov2016instance,
+          title={Instance Normalization: The Missing Ingredient for Fast Stylization},
+          author={Ulyanov, Dmitry and Vedaldi, Andrea and Lempitsky, Victor},
+          journal={arXiv preprint arXiv:1607.08022},
+          year={2016}
+        }
     """
 
 
@@ -300,9 +298,8 @@ class InstanceNorm3d(InstanceNormBase):
     batched_dims = 5
 
 
-for _layer, _shape, _unbatched, _example in (
-    (InstanceNorm1d, "(N, C, L)", "(C, L)", "2, 3, 8"),
-    (InstanceNorm2d, "(N, C, H, W)", "(C, H, W)", "2, 3, 4, 4"),
-    (InstanceNorm3d, "(N, C, D, H, W)", "(C, D, H, W)", "2, 3, 2, 4, 4"),
-):
-    _layer.__doc__ = _INSTANCE_DOC.format(shape=_shape, unbatched=_unbatched, name=_layer.__name__, example=_example)
+document(_INSTANCE_DOC, {
+    InstanceNorm1d: dict(shape="(N, C, L)", unbatched="(C, L)", example="2, 3, 8"),
+    InstanceNorm2d: dict(shape="(N, C, H, W)", unbatched="(C, H, W)", example="2, 3, 4, 4"),
+    InstanceNorm3d: dict(shape="(N, C, D, H, W)", unbatched="(C, D, H, W)", example="2, 3, 2, 4, 4"),
+})

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from bnlab import functional as F
-from bnlab.nn.batchnorm import BatchNormBase, RankFamily
+from bnlab.nn.batchnorm import BatchNormBase, RankFamily, document
 from bnlab.nn.norms import InstanceNormBase
 
 __all__ = [
@@ -37,12 +37,6 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
 ]
-
-def _document(template: str, **per_class: dict) -> None:
-    """Give each class of a 1d/2d pair the family's docstring with its own shapes and example."""
-    for cls, fields in per_class.items():
-        globals()[cls].__doc__ = template.format(name=cls, **fields)
-
 
 _ONE_D = dict(shape="(N, C) or (N, C, L)", example_shape="16, 4", channels=4)
 _TWO_D = dict(shape="(N, C, H, W)", example_shape="8, 4, 5, 5", channels=4)
@@ -79,10 +73,10 @@ class MeanOnlyBatchNorm2d(_MeanOnlyBatchNorm):
     input_dims = (4,)
 
 
-_document(
-    r"""Mean-only batch normalization of {shape} input: the chapter's "lite" BN that centers only.
+document(
+    r"""Mean-only batch normalization of $shape input: the chapter's "lite" BN that centers only.
 
-    .. math:: y = (x - \mathrm{{E}}[x]) \cdot \gamma + \beta
+    .. math:: y = (x - \mathrm{E}[x]) \cdot \gamma + \beta
 
     E per channel over the batch (and positions) in training, the running mean in evaluation. Both
     running statistics are tracked exactly as batch norm tracks them (the state dict is batch norm's),
@@ -90,23 +84,23 @@ _document(
     (`bnlab.functional.MeanOnlyBatchNormFunction`).
 
     Args:
-        {bn_args}
+        $bn_args
         (eps is unused here: nothing is divided; it is kept for batch norm's signature.)
 
     Shape:
-        - Input: {shape}
+        - Input: $shape
         - Output: the same shape.
 
     Example:
         >>> import torch, bnlab.nn
-        >>> norm = bnlab.nn.{name}({channels})
-        >>> x = torch.randn({example_shape}) * 3 + 5
+        >>> norm = bnlab.nn.$name($channels)
+        >>> x = torch.randn($example_shape) * 3 + 5
         >>> y = norm(x)
         >>> bool(y.mean(dim=[d for d in range(y.dim()) if d != 1]).abs().max() < 1e-5)
         True
-    """.replace("{bn_args}", _BN_ARGS),
-    MeanOnlyBatchNorm1d=_ONE_D,
-    MeanOnlyBatchNorm2d=_TWO_D,
+    """,
+    {MeanOnlyBatchNorm1d: _ONE_D, MeanOnlyBatchNorm2d: _TWO_D},
+    bn_args=_BN_ARGS,
 )
 
 
@@ -128,32 +122,32 @@ class VarianceOnlyBatchNorm2d(_VarianceOnlyBatchNorm):
     input_dims = (4,)
 
 
-_document(
-    r"""Variance-only batch normalization of {shape} input: the chapter's "lite" BN that divides only.
+document(
+    r"""Variance-only batch normalization of $shape input: the chapter's "lite" BN that divides only.
 
-    .. math:: y = \frac{{x}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} \cdot \gamma + \beta
+    .. math:: y = \frac{x}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
 
     Var is the batch's centered (biased) variance per channel in training, the running variance in
     evaluation; the input is not centered. Running statistics are tracked exactly as batch norm tracks
     them. The backward is hand-derived (`bnlab.functional.VarianceOnlyBatchNormFunction`).
 
     Args:
-        {bn_args}
+        $bn_args
 
     Shape:
-        - Input: {shape}
+        - Input: $shape
         - Output: the same shape.
 
     Example:
         >>> import torch, bnlab.nn
-        >>> norm = bnlab.nn.{name}({channels})
-        >>> y = norm(torch.randn({example_shape}) * 3)
+        >>> norm = bnlab.nn.$name($channels)
+        >>> y = norm(torch.randn($example_shape) * 3)
         >>> dims = [d for d in range(y.dim()) if d != 1]
-        >>> bool(torch.allclose(y.var(dim=dims, correction=0), torch.ones({channels}), atol=1e-3))
+        >>> bool(torch.allclose(y.var(dim=dims, correction=0), torch.ones($channels), atol=1e-3))
         True
-    """.replace("{bn_args}", _BN_ARGS),
-    VarianceOnlyBatchNorm1d=_ONE_D,
-    VarianceOnlyBatchNorm2d=_TWO_D,
+    """,
+    {VarianceOnlyBatchNorm1d: _ONE_D, VarianceOnlyBatchNorm2d: _TWO_D},
+    bn_args=_BN_ARGS,
 )
 
 
@@ -322,6 +316,7 @@ def _freeze(module: Module, path: str) -> Module:
 
 class _BatchRenorm(RankFamily, BatchNormBase):
     family = "BatchRenorm"
+    repr_options = ("r_max", "d_max", "warmup_steps", "r_max_steps", "d_max_steps")
 
     def __init__(
         self,
@@ -375,12 +370,6 @@ class _BatchRenorm(RankFamily, BatchNormBase):
             r_max, d_max,
         )
 
-    def extra_repr(self) -> str:
-        return (
-            super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
-            f"r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}"
-        )
-
 
 def _ramp(step, start: int, end: int):
     """0 up to `start`, 1 from `end`, linear between; `step` an int, or a 0-dim tensor in a graph."""
@@ -401,16 +390,16 @@ class BatchRenorm2d(_BatchRenorm):
     input_dims = (4,)
 
 
-_document(
-    r"""Batch renormalization (Ioffe, 2017) of {shape} input.
+document(
+    r"""Batch renormalization (Ioffe, 2017) of $shape input.
 
-    In training, with the batch's mean and :math:`\sigma_B = \sqrt{{\sigma_B^2 + \epsilon}}` and the
-    running :math:`\mu` and :math:`\sigma = \sqrt{{\mathrm{{running\_var}} + \epsilon}}`,
+    In training, with the batch's mean and :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}` and the
+    running :math:`\mu` and :math:`\sigma = \sqrt{\mathrm{running\_var} + \epsilon}`,
 
     .. math::
-        r = \mathrm{{clip}}\left(\frac{{\sigma_B}}{{\sigma}}, \frac{{1}}{{r_{{max}}}}, r_{{max}}\right), \quad
-        d = \mathrm{{clip}}\left(\frac{{\mu_B - \mu}}{{\sigma}}, -d_{{max}}, d_{{max}}\right), \quad
-        y = \gamma \left(\frac{{x - \mu_B}}{{\sigma_B}} r + d\right) + \beta
+        r = \mathrm{clip}\left(\frac{\sigma_B}{\sigma}, \frac{1}{r_{max}}, r_{max}\right), \quad
+        d = \mathrm{clip}\left(\frac{\mu_B - \mu}{\sigma}, -d_{max}, d_{max}\right), \quad
+        y = \gamma \left(\frac{x - \mu_B}{\sigma_B} r + d\right) + \beta
 
     with r and d constants in the backward (stop-gradient). Evaluation is batch norm with the running
     statistics, which training already approaches: the output depends on each example, not on its
@@ -418,14 +407,14 @@ _document(
     None for a cumulative average). Deviation from the paper: it moves :math:`\sigma` itself; here the
     running variance moves (as batch norm's), so state dicts interchange with BatchNorm.
 
-    The bounds follow the paper's schedule: :math:`r_{{max}} = 1, d_{{max}} = 0` (plain batch norm) for the
+    The bounds follow the paper's schedule: :math:`r_{max} = 1, d_{max} = 0` (plain batch norm) for the
     first `warmup_steps` training batches, then linear ramps reaching `r_max` at step `r_max_steps` and
     `d_max` at step `d_max_steps` (the paper: 5000, 40k and 25k steps to 3 and 5). The step count is
     ``num_batches_tracked`` (a buffer, so the schedule survives ``state_dict``); `clipping_bounds` tells
     the bounds at a step.
 
     Args:
-        {bn_args}
+        $bn_args
             track_running_stats must stay True (the correction needs running statistics).
         r_max, d_max: keyword-only, the final bounds. Defaults: 3.0 and 5.0.
         warmup_steps: keyword-only, training batches of plain batch norm. Default: 5000.
@@ -433,28 +422,28 @@ _document(
             Defaults: 40000 and 25000.
 
     Shape:
-        - Input: {shape}
+        - Input: $shape
         - Output: the same shape.
 
     Example:
         >>> import torch, bnlab.nn
-        >>> norm = bnlab.nn.{name}({channels}, warmup_steps=0, r_max_steps=100, d_max_steps=50)
-        >>> y = norm(torch.randn({example_shape}))
+        >>> norm = bnlab.nn.$name($channels, warmup_steps=0, r_max_steps=100, d_max_steps=50)
+        >>> y = norm(torch.randn($example_shape))
         >>> norm.clipping_bounds(), norm.clipping_bounds(step=50)
         ((1.02, 0.1), (2.0, 5.0))
 
     Reference::
 
-        @inproceedings{{ioffe2017batch,
-          title={{Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized Models}},
-          author={{Ioffe, Sergey}},
-          booktitle={{Advances in Neural Information Processing Systems}},
-          year={{2017}},
-          note={{arXiv:1702.03275}}
-        }}
-    """.replace("{bn_args}", _BN_ARGS),
-    BatchRenorm1d=_ONE_D,
-    BatchRenorm2d=_TWO_D,
+        @inproceedings{ioffe2017batch,
+          title={Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized Models},
+          author={Ioffe, Sergey},
+          booktitle={Advances in Neural Information Processing Systems},
+          year={2017},
+          note={arXiv:1702.03275}
+        }
+    """,
+    {BatchRenorm1d: _ONE_D, BatchRenorm2d: _TWO_D},
+    bn_args=_BN_ARGS,
 )
 
 
@@ -463,6 +452,7 @@ _document(
 
 class _GhostBatchNorm(RankFamily, BatchNormBase):
     family = "GhostBatchNorm"
+    repr_options = ("ghost_batch_size",)
 
     def __init__(
         self,
@@ -498,9 +488,6 @@ class _GhostBatchNorm(RankFamily, BatchNormBase):
             self.eps, self.ghost_batch_size, tracked,
         )
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", ghost_batch_size={self.ghost_batch_size}"
-
 
 class GhostBatchNorm1d(_GhostBatchNorm):
     input_dims = (2, 3)
@@ -510,8 +497,8 @@ class GhostBatchNorm2d(_GhostBatchNorm):
     input_dims = (4,)
 
 
-_document(
-    r"""Ghost batch normalization (Hoffer, Hubara & Soudry, 2017) of {shape} input.
+document(
+    r"""Ghost batch normalization (Hoffer, Hubara & Soudry, 2017) of $shape input.
 
     In training the batch splits along N into ghost (virtual) batches of `ghost_batch_size` samples,
     each normalized with its own statistics as batch norm would; a batch that does not divide evenly
@@ -522,10 +509,10 @@ _document(
     Running statistics, the paper's Algorithm 1 rule: one momentum step per ghost batch, in order; for
     k ghost batches with means :math:`\mu^1 \dots \mu^k` and momentum :math:`\eta`
 
-    .. math:: \mu_{{run}} \leftarrow (1 - \eta)^k \mu_{{run}} + \sum_{{l=1}}^{{k}} \eta (1 - \eta)^{{k-l}} \mu^l
+    .. math:: \mu_{run} \leftarrow (1 - \eta)^k \mu_{run} + \sum_{l=1}^{k} \eta (1 - \eta)^{k-l} \mu^l
 
     and the same for the variance (each ghost batch's, unbiased). The paper prints the first factor as
-    :math:`(1 - \eta)^{{|B_S|}}` and moves the standard deviation; here the weights sum to one and the
+    :math:`(1 - \eta)^{|B_S|}` and moves the standard deviation; here the weights sum to one and the
     variance moves, as batch norm's, so evaluation is exactly batch norm's and state dicts interchange.
     ``momentum=None`` averages all ghost batches equally (exact while the batch size is constant).
 
@@ -533,32 +520,32 @@ _document(
     ghost_batch_size >= N the layer is batch norm.
 
     Args:
-        {bn_args}
+        $bn_args
         ghost_batch_size: keyword-only, samples per ghost batch, at least 2. Default: 32.
 
     Shape:
-        - Input: {shape}
+        - Input: $shape
         - Output: the same shape.
 
     Example:
         >>> import torch, bnlab.nn
-        >>> norm = bnlab.nn.{name}({channels}, ghost_batch_size=4)
-        >>> y = norm(torch.randn({example_shape}) * 3 + 1)
+        >>> norm = bnlab.nn.$name($channels, ghost_batch_size=4)
+        >>> y = norm(torch.randn($example_shape) * 3 + 1)
         >>> dims = [d for d in range(y.dim()) if d != 1]
         >>> bool(y[:4].mean(dim=dims).abs().max() < 1e-5)
         True
 
     Reference::
 
-        @inproceedings{{hoffer2017train,
-          title={{Train longer, generalize better: closing the generalization gap in large batch training
-                 of neural networks}},
-          author={{Hoffer, Elad and Hubara, Itay and Soudry, Daniel}},
-          booktitle={{Advances in Neural Information Processing Systems}},
-          year={{2017}},
-          note={{arXiv:1705.08741}}
-        }}
-    """.replace("{bn_args}", _BN_ARGS),
-    GhostBatchNorm1d=_ONE_D,
-    GhostBatchNorm2d=_TWO_D,
+        @inproceedings{hoffer2017train,
+          title={Train longer, generalize better: closing the generalization gap in large batch training
+                 of neural networks},
+          author={Hoffer, Elad and Hubara, Itay and Soudry, Daniel},
+          booktitle={Advances in Neural Information Processing Systems},
+          year={2017},
+          note={arXiv:1705.08741}
+        }
+    """,
+    {GhostBatchNorm1d: _ONE_D, GhostBatchNorm2d: _TWO_D},
+    bn_args=_BN_ARGS,
 )

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab.nn.batchnorm import BatchNormBase, RankFamily
+from bnlab.nn.batchnorm import BatchNormBase, RankFamily, document
 
 __all__ = ["DecorrelatedBatchNorm2d", "IterNorm2d", "PITNorm1d", "PITNorm2d"]
 
@@ -70,6 +70,7 @@ class GroupWhitening(RankFamily, _OwnRunningStats):
 
     family_suffixes = ("2d",)
     input_dims = (4,)
+    repr_options = ("group_size",)
 
     def __init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
                  group_size) -> None:
@@ -102,9 +103,6 @@ class GroupWhitening(RankFamily, _OwnRunningStats):
         """(running mean, running whitening) to use or update; none when BatchNormBase passes none."""
         return (running_mean, self.running_whitening) if running_mean is not None else (None, None)
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
-
 
 _WHITENING_ARGS = """num_features: C.
         eps: added to the covariance's diagonal. Default: 1e-5.
@@ -136,7 +134,7 @@ class DecorrelatedBatchNorm2d(GroupWhitening):
     eigenvalues, which real data has almost surely).
 
     Args:
-        {args}
+        $args
         group_size: keyword-only, channels whitened together (capped at num_features; must divide it).
             Larger groups decorrelate more at O(group_size^3) cost. Default: 16.
 
@@ -214,7 +212,7 @@ class IterNorm2d(GroupWhitening):
     ill-conditioned covariances.
 
     Args:
-        {args}
+        $args
         group_size: keyword-only, channels whitened together (capped at num_features; must divide it).
             Default: 64.
         iterations: keyword-only, T, the Newton–Schulz steps. Default: 5 (the paper's).
@@ -241,6 +239,7 @@ class IterNorm2d(GroupWhitening):
     """
 
     family = "IterNorm"
+    repr_options = ("group_size", "iterations")
 
     def __init__(
         self,
@@ -271,12 +270,9 @@ class IterNorm2d(GroupWhitening):
             self.iterations,
         )
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", iterations={self.iterations}"
-
 
 for _layer in (DecorrelatedBatchNorm2d, IterNorm2d):
-    _layer.__doc__ = _layer.__doc__.replace("{args}", _WHITENING_ARGS)
+    document(_layer.__doc__, {_layer: {}}, args=_WHITENING_ARGS)
 
 
 # ---- the probability integral transform ------------------------------------------------------------------
@@ -284,6 +280,7 @@ for _layer in (DecorrelatedBatchNorm2d, IterNorm2d):
 
 class _PITNorm(RankFamily, _OwnRunningStats):
     family = "PITNorm"
+    repr_options = ("num_quantiles",)
 
     def __init__(
         self,
@@ -320,9 +317,6 @@ class _PITNorm(RankFamily, _OwnRunningStats):
             self.eps,
         )
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", num_quantiles={self.num_quantiles}"
-
 
 class PITNorm1d(_PITNorm):
     input_dims = (2, 3)
@@ -332,30 +326,30 @@ class PITNorm2d(_PITNorm):
     input_dims = (4,)
 
 
-_PIT_DOC = r"""Normalization by the probability integral transform (rank-Gauss) of {shape} input.
+_PIT_DOC = r"""Normalization by the probability integral transform (rank-Gauss) of $shape input.
 
     **Training**, per channel over its n values (batch and positions), with :math:`R_i` the rank of
     :math:`x_i` among them (tied values share the average of their ranks):
 
-    .. math:: y_i = \gamma \, \Phi^{{-1}}\left(\frac{{R_i - 1/2}}{{n}}\right) + \beta
+    .. math:: y_i = \gamma \, \Phi^{-1}\left(\frac{R_i - 1/2}{n}\right) + \beta
 
-    the empirical CDF (ranks) followed by the standard normal inverse CDF :math:`\Phi^{{-1}}`. The
+    the empirical CDF (ranks) followed by the standard normal inverse CDF :math:`\Phi^{-1}`. The
     marginal of each channel is then exactly Gaussian: without ties, the n outputs are the n quantiles
-    :math:`\Phi^{{-1}}((k - 1/2)/n)` whatever the input's distribution (skewed, heavy-tailed,
+    :math:`\Phi^{-1}((k - 1/2)/n)` whatever the input's distribution (skewed, heavy-tailed,
     multimodal), where batch norm only fixes the first two moments. The map is monotone per channel.
 
     **Gradient.** Ranks are piecewise constant: the true derivative is 0 almost everywhere. The input
     gradient is instead batch normalization's (straight-through surrogate): the backward of
-    :math:`(x - \mu_B)/\sqrt{{\sigma_B^2 + \epsilon}}`, the map the transform tends to for Gaussian input.
+    :math:`(x - \mu_B)/\sqrt{\sigma_B^2 + \epsilon}`, the map the transform tends to for Gaussian input.
     The gradients of :math:`\gamma` and :math:`\beta` are exact.
 
     **Evaluation** needs no batch: training keeps per-channel running quantiles (buffer
     ``running_quantiles``, (C, num_quantiles)) at the levels :math:`p_j = (j - 1/2)/K`, each a momentum
     step towards the batch's, and ``running_mean``/``running_var`` as batch norm does. Evaluation maps
-    x through the piecewise-linear curve :math:`(q_j, \Phi^{{-1}}(p_j))` (the smoothed inverse of the
-    running quantile function, composed with :math:`\Phi^{{-1}}`); beyond the outer knots it continues
+    x through the piecewise-linear curve :math:`(q_j, \Phi^{-1}(p_j))` (the smoothed inverse of the
+    running quantile function, composed with :math:`\Phi^{-1}`); beyond the outer knots it continues
     straight with the outer segment's slope, capped at batch norm's
-    :math:`1/\sqrt{{\mathrm{{running\_var}} + \epsilon}}` (ties at the outer knots, light tails).
+    :math:`1/\sqrt{\mathrm{running\_var} + \epsilon}` (ties at the outer knots, light tails).
     Knots start at the standard
     normal quantiles, so the untrained map is the identity. Autograd differentiates the curve. On a
     non-Gaussian input, training and evaluation thus agree in distribution where batch norm's
@@ -376,24 +370,23 @@ _PIT_DOC = r"""Normalization by the probability integral transform (rank-Gauss) 
             Default: 64 (the outer knots at the 1/128 and 127/128 quantiles).
 
     Shape:
-        - Input: {shape}
+        - Input: $shape
         - Output: the same shape.
 
     Example:
         >>> import torch, bnlab.nn
-        >>> norm = bnlab.nn.{name}(3)
-        >>> x = torch.randn({example_shape}).exp()          # log-normal: skewed
+        >>> norm = bnlab.nn.$name(3)
+        >>> x = torch.randn($example_shape).exp()          # log-normal: skewed
         >>> y = norm(x).detach()
         >>> skew = lambda t: float(((t - t.mean()) ** 3).mean() / t.std(correction=0) ** 3)
         >>> round(skew(x[:, 0]), 1) > 1, abs(skew(y[:, 0])) < 0.05
         (True, True)
     """
 
-for _layer, _shape, _example in (
-    (PITNorm1d, "(N, C) or (N, C, L)", "512, 3"),
-    (PITNorm2d, "(N, C, H, W)", "32, 3, 8, 8"),
-):
-    _layer.__doc__ = _PIT_DOC.format(shape=_shape, name=_layer.__name__, example_shape=_example)
+document(_PIT_DOC, {
+    PITNorm1d: dict(shape="(N, C) or (N, C, L)", example_shape="512, 3"),
+    PITNorm2d: dict(shape="(N, C, H, W)", example_shape="32, 3, 8, 8"),
+})
 
 
 class PooledCovariance:
