@@ -470,6 +470,19 @@ _TO_TORCH = {ours: theirs for theirs, ours in _TO_BNLAB.items()}
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+def handed_over(old: Module, new: Module) -> Module:
+    """`new` (built without tensors of its own, e.g. on the meta device) given `old`'s very parameters and
+    buffers, in `old`'s train/eval mode: the tensors themselves, so an optimizer holding `old`'s
+    parameters keeps working. How `convert` and `convert_sync_batchnorm` swap one layer for another."""
+    for name in _STATE:
+        value = getattr(old, name, None)
+        if name in ("weight", "bias"):
+            new.register_parameter(name, value)
+        else:
+            new.register_buffer(name, value)
+    return new.train(old.training)
+
+
 def _torch_class_for_chapter_layer(m: BatchNorm) -> type:
     if m.num_dims is None:
         raise ValueError(
@@ -491,15 +504,7 @@ def _replacement(m: Module, to: str) -> Optional[Module]:
         return None
     lazy = getattr(m, "has_uninitialized_params", lambda: False)()
     config = dict(eps=m.eps, momentum=m.momentum, affine=m.affine, track_running_stats=m.track_running_stats)
-    new = target(**config) if lazy else target(m.num_features, device="meta", **config)
-    # Hand over the tensors themselves: optimizers holding m's parameters keep working.
-    for name in _STATE:
-        value = getattr(m, name, None)
-        if name in ("weight", "bias"):
-            new.register_parameter(name, value)
-        else:
-            new.register_buffer(name, value)
-    return new.train(m.training)
+    return handed_over(m, target(**config) if lazy else target(m.num_features, device="meta", **config))
 
 
 def convert(module: Module, to: str = "bnlab") -> Module:

@@ -17,7 +17,7 @@ from torch.nn import Module
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnlab import functional as F
-from bnlab.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from bnlab.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, handed_over
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -115,7 +115,6 @@ _TORCH_RANKS = {
     torch.nn.SyncBatchNorm: (2, 3, 4, 5),
 }
 _BNLAB_LAYERS = (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNorm)
-_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _accepted_ranks(module: Module) -> Optional[tuple[int, ...]]:
@@ -138,15 +137,8 @@ def _to_sync(module: Module, process_group) -> Optional[SyncBatchNorm]:
         module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
         process_group, device="meta",
     )
-    # Hand over the tensors themselves: an optimizer built on the old layer's parameters keeps working.
-    for name in _STATE:
-        value = getattr(module, name, None)
-        if name in ("weight", "bias"):
-            sync.register_parameter(name, value)
-        else:
-            sync.register_buffer(name, value)
     sync.input_dims = ranks
-    return sync.train(module.training)
+    return handed_over(module, sync)
 
 
 def convert_sync_batchnorm(module: Module, process_group=None) -> Module:
