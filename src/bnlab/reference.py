@@ -67,12 +67,7 @@ def forward(
     channels = x.shape[1]
     gamma = np.ones(channels) if gamma is None else np.asarray(gamma, dtype=np.float64)
     beta = np.zeros(channels) if beta is None else np.asarray(beta, dtype=np.float64)
-    if training:
-        mean, var = _batch_moments(x)
-        running_mean, running_var = _updated_running(running_mean, running_var, mean, var, x, momentum)
-    else:
-        mean = np.asarray(running_mean, dtype=np.float64)
-        var = np.asarray(running_var, dtype=np.float64)
+    mean, var, running_mean, running_var = _moments_and_running(x, running_mean, running_var, training, momentum)
     x_hat = (x - _channel(mean, x)) / np.sqrt(_channel(var, x) + eps)
     y = _channel(gamma, x) * x_hat + _channel(beta, x)
     return Forward(y, mean, var, running_mean, running_var)
@@ -138,15 +133,21 @@ def _updated_running(running_mean, running_var, mean, var, x, momentum):
     return running_mean, running_var
 
 
+def _moments_and_running(x, running_mean, running_var, training, momentum):
+    """(mean, var, running_mean, running_var) of a forward: the batch's (biased) moments and the running
+    statistics after the step (training), or the running statistics, which then stay (evaluation)."""
+    if training:
+        mean, var = _batch_moments(x)
+        return (mean, var, *_updated_running(running_mean, running_var, mean, var, x, momentum))
+    mean, var = (np.asarray(r, dtype=np.float64) for r in (running_mean, running_var))
+    return mean, var, running_mean, running_var
+
+
 def mean_only_forward(x, gamma, beta, running_mean=None, running_var=None, training=True, momentum=0.1):
     """Mean-only BN: y = (x - mean) * gamma + beta. Returns (y, running_mean, running_var), the running
     statistics updated as batch norm's (training) or unchanged."""
     x = np.asarray(x, dtype=np.float64)
-    if training:
-        mean, var = _batch_moments(x)
-        running_mean, running_var = _updated_running(running_mean, running_var, mean, var, x, momentum)
-    else:
-        mean = np.asarray(running_mean, dtype=np.float64)
+    mean, _, running_mean, running_var = _moments_and_running(x, running_mean, running_var, training, momentum)
     return _channel(gamma, x) * (x - _channel(mean, x)) + _channel(beta, x), running_mean, running_var
 
 
@@ -165,11 +166,7 @@ def variance_only_forward(x, gamma, beta, running_mean=None, running_var=None, t
                           eps=1e-5):
     """Variance-only BN: y = x / sqrt(var + eps) * gamma + beta, var the centered batch variance."""
     x = np.asarray(x, dtype=np.float64)
-    if training:
-        mean, var = _batch_moments(x)
-        running_mean, running_var = _updated_running(running_mean, running_var, mean, var, x, momentum)
-    else:
-        var = np.asarray(running_var, dtype=np.float64)
+    _, var, running_mean, running_var = _moments_and_running(x, running_mean, running_var, training, momentum)
     y = _channel(gamma, x) * x / np.sqrt(_channel(var, x) + eps) + _channel(beta, x)
     return y, running_mean, running_var
 
