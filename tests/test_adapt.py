@@ -106,6 +106,19 @@ def test_tent_reset_adapts_each_batch_from_the_source():
     assert not torch.allclose(online[64:], one, atol=1e-4)
 
 
+def test_tent_default_lr_scales_with_each_target_batch():
+    net = source_model("torch")
+    target = [sample(64, shift=4.0, scale=2.0, seed=10), sample(16, shift=4.0, scale=2.0, seed=11),
+              sample(16, shift=4.0, scale=2.0, seed=12)]
+    assert bnlab.adapt.tent_lr(128) == pytest.approx(0.1) and bnlab.adapt.tent_lr(16) == pytest.approx(0.0125)
+    default = predict(net, target, method="tent", steps=2)
+    fixed_64 = predict(net, target, method="tent", steps=2, lr=bnlab.adapt.tent_lr(64))
+    # Each batch is predicted before its own steps: the first two only saw steps at 0.1 × 64 / 128 in both ...
+    assert torch.allclose(default[:80], fixed_64[:80], atol=1e-6)
+    # ... the third follows the second batch's steps, at 0.1 × 16 / 128 by default instead of 0.05.
+    assert not torch.allclose(default[80:], fixed_64[80:], atol=1e-5)
+
+
 @pytest.mark.parametrize("model, kwargs, message", [
     (nn.Sequential(nn.Linear(6, 3), nn.LayerNorm(3)), {}, "no batch-norm layer"),
     (None, {"method": "bn-adapt"}, "unknown adaptation method"),

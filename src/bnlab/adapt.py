@@ -22,6 +22,13 @@ Methods (every one uses the target batches only, never their labels):
   at learning rate `lr`; with `reset` γ, β and the optimizer return to the source model's before each
   batch (Tent's episodic mode). Shares batch-stats' assumptions (batch size, class balance), and
   entropy minimization can collapse onto few classes at high learning rates or over long streams.
+  The default learning rate scales with the target batch: `TENT_LR_PER_128` × B / 128 = 0.1 × B / 128
+  (the linear scaling rule, as in Tent's successors EATA and SAR), because a sweep on BN-LeNet (a
+  `bnlab train` run, 10,000 corrupted training images, not the test set) found the best fixed rate
+  moving with B: 0.1 at B = 128 (noise, blur, contrast), about 0.03 at B = 32 and 0.01 or less at
+  B = 8, where 0.1 collapses (contrast: 0.453 against 0.729 with batch statistics), while the earlier
+  default 1e-3 barely moves γ, β (at B = 128 within 0.003 of batch statistics on every condition);
+  pass `lr` for a fixed rate.
 
 Example:
     >>> import torch, bnlab.adapt
@@ -39,7 +46,7 @@ from __future__ import annotations
 import copy
 import sys
 import types
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +55,7 @@ from bnlab.nn import recompute_stats
 from bnlab.nn.inference import _is_batch_norm
 
 METHODS = ("adabn", "tent", "batch-stats")
+TENT_LR_PER_128 = 0.1  # tent's default learning rate for a target batch of 128; B / 128 times that for B
 
 
 def _inputs(batches) -> list[Tensor]:
@@ -82,7 +90,13 @@ def _entropy(logits: Tensor) -> Tensor:
     return -(log_p.exp() * log_p).sum(dim=1).mean()
 
 
-def _tent(model: nn.Module, inputs: list[Tensor], steps: int, lr: float, reset: bool) -> tuple[nn.Module, Tensor]:
+def tent_lr(batch_size: int) -> float:
+    """Tent's default learning rate for target batches of `batch_size`: `TENT_LR_PER_128` × batch_size / 128."""
+    return TENT_LR_PER_128 * batch_size / 128
+
+
+def _tent(model: nn.Module, inputs: list[Tensor], steps: int, lr: Optional[float],
+          reset: bool) -> tuple[nn.Module, Tensor]:
     """(the adapted copy, the online predictions: each batch's logits before its own update steps)."""
     net = copy.deepcopy(model)
     affine = [p for bn in _batch_norms(net) for p in (bn.weight, bn.bias) if p is not None]
@@ -95,14 +109,20 @@ def _tent(model: nn.Module, inputs: list[Tensor], steps: int, lr: float, reset: 
     for p in affine:
         p.requires_grad_(True)
     source = [p.detach().clone() for p in affine]
-    optimizer = torch.optim.SGD(affine, lr=lr, momentum=0.9)
+
+    def rate(x: Tensor) -> float:  # a fixed lr, or the default scaled to this batch's size
+        return lr if lr is not None else tent_lr(len(x))
+
+    optimizer = torch.optim.SGD(affine, lr=rate(inputs[0]), momentum=0.9)
     outputs = []
     for x in inputs:
         if reset:
             with torch.no_grad():
                 for p, original in zip(affine, source):
                     p.copy_(original)
-            optimizer = torch.optim.SGD(affine, lr=lr, momentum=0.9)
+            optimizer = torch.optim.SGD(affine, lr=rate(x), momentum=0.9)
+        for group in optimizer.param_groups:
+            group["lr"] = rate(x)
         for step in range(steps):
             logits = net(x)
             if step == 0:
@@ -115,17 +135,17 @@ def _tent(model: nn.Module, inputs: list[Tensor], steps: int, lr: float, reset: 
     return net, torch.cat(outputs)
 
 
-def _check(method: str, steps: int, lr: float) -> None:
+def _check(method: str, steps: int, lr: Optional[float]) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown adaptation method {method!r}; valid: {', '.join(METHODS)}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int (gradient steps per target batch), got {steps!r}")
-    if not lr > 0:
+    if lr is not None and not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
 
 
-def adapt(model: nn.Module, batches: Iterable, method: str = "adabn", *, steps: int = 1, lr: float = 1e-3,
-          reset: bool = False) -> nn.Module:
+def adapt(model: nn.Module, batches: Iterable, method: str = "adabn", *, steps: int = 1,
+          lr: Optional[float] = None, reset: bool = False) -> nn.Module:
     """An eval-mode copy of `model` adapted to the unlabeled target `batches`; `model` is left unchanged.
 
     Args:
@@ -134,8 +154,9 @@ def adapt(model: nn.Module, batches: Iterable, method: str = "adabn", *, steps: 
         method: "adabn" (exact target statistics), "tent" (entropy minimization over γ, β) or
             "batch-stats" (each batch normalized by its own statistics); see the module docstring for
             the citations and assumptions.
-        steps, lr, reset: tent's gradient steps per batch (default 1), SGD learning rate (default 1e-3,
-            momentum 0.9) and episodic reset before each batch (default False); ignored by the others.
+        steps, lr, reset: tent's gradient steps per batch (default 1), SGD learning rate (momentum 0.9;
+            default None: `tent_lr(B)` = 0.1 × B / 128 for a batch of B, see the module docstring) and
+            episodic reset before each batch (default False); ignored by the others.
 
     Returns:
         The adapted copy, in eval mode. With "tent" and "batch-stats" it normalizes every batch it is
@@ -151,8 +172,8 @@ def adapt(model: nn.Module, batches: Iterable, method: str = "adabn", *, steps: 
     return _tent(model, inputs, steps, lr, reset)[0]
 
 
-def predict(model: nn.Module, batches: Iterable, method: str = "adabn", *, steps: int = 1, lr: float = 1e-3,
-            reset: bool = False) -> Tensor:
+def predict(model: nn.Module, batches: Iterable, method: str = "adabn", *, steps: int = 1,
+            lr: Optional[float] = None, reset: bool = False) -> Tensor:
     """The adapted model's outputs on `batches`, concatenated: after adapting to all of them (adabn), with
     each batch's own statistics (batch-stats), or online (tent: each batch predicted by the model
     adapted on the batches before it, before its own steps, as Tent reports). `model` is unchanged.
@@ -182,4 +203,4 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["METHODS", "adapt", "predict", "use_batch_statistics"]
+__all__ = ["METHODS", "TENT_LR_PER_128", "adapt", "predict", "tent_lr", "use_batch_statistics"]
