@@ -8,6 +8,12 @@ with `bnlab kernels build`, cached under ``$BNLAB_CACHE_DIR`` (default ``~/.cach
 named by a hash of the source, the compiler, torch's version and the CPU, and loaded with
 ``torch.ops.load_library``. It shares torch's OpenMP runtime.
 
+The cache is untrusted: loading a damaged shared object can crash the process, so the library is
+checked before it is loaded. Each build records the library's size and sha256 (and its key) in a
+sidecar, ``libbnlab_ops.so.sha256``, written before the library is renamed into place. An entry whose
+library or sidecar is missing, unreadable, truncated, altered, foreign or not a file is removed and
+rebuilt, with one RuntimeWarning naming it; if the rebuild fails, the fallback below applies.
+
 The environment variable ``BNLAB_KERNELS`` picks the implementation:
 
 - ``auto`` (default): the compiled kernels when they build, else the pure-PyTorch path (with one warning);
@@ -20,6 +26,7 @@ Both paths compute the same function; the tests hold them to each other.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -27,12 +34,14 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
+from bnlab import files
 from bnlab.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "batch_norm.cpp"
@@ -41,6 +50,7 @@ DTYPES = (torch.float32, torch.float64)  # what the kernels take; anything else 
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]  # -w: torch's headers are noisy
 _OPENMP = ["-fopenmp"]
 _TORCH = Path(torch.__file__).parent
+LIBRARY_NAME = "libbnlab_ops.so"
 
 
 class KernelBuildError(RuntimeError):
@@ -83,8 +93,9 @@ def _build_key(compiler: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _compile(compiler: str, target: Path) -> None:
-    """Compile into a temporary file beside `target`, then rename: a reader never sees half a library."""
+def _compile(compiler: str, target: Path, key: str) -> None:
+    """Compile into a temporary file beside `target`, record its checksum in the sidecar, then rename:
+    a reader never sees half a library, nor a library without its checksum."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(fd)
@@ -100,6 +111,8 @@ def _compile(compiler: str, target: Path) -> None:
                 [compiler, *_FLAGS, *extra, "-o", tmp, str(SOURCE), *torch_flags], capture_output=True, text=True
             )
             if proc.returncode == 0:
+                files.write_json(sidecar(target), {"key": key, "sha256": _sha256(Path(tmp)),
+                                                   "size": os.path.getsize(tmp)})
                 os.replace(tmp, target)
                 return
             errors.append(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
@@ -107,6 +120,82 @@ def _compile(compiler: str, target: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def sidecar(target: Path) -> Path:
+    """The file that records what was built at `target`: {"key", "sha256", "size"} as JSON."""
+    return target.with_name(target.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_entry(target: Path, key: str) -> Optional[str]:
+    """None when `target` holds exactly the library that was built for `key` (its sidecar says so and
+    its bytes agree), else what is wrong with the cache entry. Reads the files; loads nothing."""
+    if target.is_dir():
+        return "a directory stands where the library should be"
+    if not target.is_file():
+        return "it is not a regular file" if os.path.lexists(target) else "it is missing"
+    record_path = sidecar(target)
+    try:
+        record = json.loads(record_path.read_bytes().decode())
+        recorded = (str(record["key"]), str(record["sha256"]), int(record["size"]))
+    except FileNotFoundError:
+        return f"its checksum file {record_path.name} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or UTF-8
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        return f"its checksum file {record_path.name} is unreadable or damaged ({reason})"
+    recorded_key, expected, size = recorded
+    if recorded_key != key:
+        return f"it was built for another configuration ({recorded_key}, not {key})"
+    try:
+        actual = os.path.getsize(target)
+        digest = _sha256(target)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if actual != size:
+        return f"it holds {actual} bytes where {size} were built"
+    if digest != expected:
+        return "its bytes differ from the library that was built (sha256 mismatch)"
+    return None
+
+
+def _remove(path: Path) -> None:
+    """Remove a cache file, link or directory (a damaged entry); bnlab's cache only, see `build`."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+@contextmanager
+def _entry_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the cache entry while it is checked, rebuilt and loaded, so that no
+    other process removes or replaces the library in between. Best effort: a read-only cache or a
+    system without flock goes unlocked (the checksum check still holds)."""
+    try:
+        import fcntl
+
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class KernelLibrary:
@@ -195,10 +284,22 @@ def build(force: bool = False) -> KernelLibrary:
         raise OSError("no C++ compiler found (tried $CXX, c++, g++, clang++); install g++ or clang++")
     if not SOURCE.exists():
         raise OSError(f"kernel source {SOURCE} is missing from the installed package")
-    target = cache_dir() / "kernels" / _build_key(compiler) / "libbnlab_ops.so"
-    if force or not target.exists():
-        _compile(compiler, target)
-    return KernelLibrary(target)
+    key = _build_key(compiler)
+    target = cache_dir() / "kernels" / key / LIBRARY_NAME
+    with _entry_lock(target.parent):
+        # Check before loading: a damaged shared object can crash the process that loads it.
+        problem = check_entry(target, key) if os.path.lexists(target) else None
+        if problem is not None:
+            warnings.warn(f"bnlab: the cached kernel library {target} is damaged ({problem}); rebuilding it",
+                          RuntimeWarning, stacklevel=2)
+            for path in (target, sidecar(target)):  # both inside cache_dir()/kernels/KEY, bnlab's own
+                _remove(path)
+        if force or problem is not None or not os.path.lexists(target):
+            _compile(compiler, target, key)
+        try:
+            return KernelLibrary(target)
+        except (RuntimeError, AttributeError) as exc:  # loaded, but not the operators expected
+            raise OSError(f"the kernel library {target} could not be loaded: {exc}") from exc
 
 
 def library() -> Optional[KernelLibrary]:

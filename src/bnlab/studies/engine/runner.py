@@ -10,7 +10,7 @@ Layout of a study's output directory::
 
     report.md        what was run, results as mean ± std over seeds, conclusions, runtime, plots
     *.png            the plots report.md embeds
-    cache/KEY.json   one finished run: its parameters and result
+    cache/KEY.json   one finished run: its kind, parameters, result, seconds and their sha256
     runs/KEY/        a training run's directory (config, metrics, checkpoint, curves)
 
 Why not joblib (`Memory` for the cache, `Parallel` for the pool): its Memory keys an entry by the
@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -115,15 +116,65 @@ def _cache_path(out: Path, run: Run) -> Path:
     return out / "cache" / f"{run.key()}.json"
 
 
-def _read_cache(out: Path, run: Run) -> Optional[Outcome]:
+def _read_cache(out: Path, run: Run, progress: Optional[Callable[[str], None]] = None) -> Optional[Outcome]:
+    """The cached outcome of `run`, or None when it must be done. The cache is untrusted: an entry that
+    cannot be read, is not UTF-8 JSON, lacks "result" or "seconds", records another kind or other
+    parameters, or no longer matches the sha256 written with it is damaged. It is removed (so that the
+    redone run writes its own) and reported in one line through `progress`; never trusted, never fatal.
+    Entries written before the sha256 was recorded are checked for all the rest."""
     path = _cache_path(out, run)
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
+    problem = _cache_problem(path, run)
+    if isinstance(problem, Outcome):
+        return problem
+    if progress is not None:
+        progress(f"study cache: {path} is damaged ({problem}); redoing the run")
+    try:  # only this entry, inside the study's cache/
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError:
+        pass  # the redone run's atomic write replaces a file; a directory that stays makes it fail loudly
+    return None
+
+
+def _cache_problem(path: Path, run: Run):
+    """The Outcome stored at `path` for `run`, or a short reason why the entry cannot be trusted."""
     try:
-        stored = json.loads(path.read_text())
-    except json.JSONDecodeError:  # a damaged entry is redone, not trusted
-        return None
-    return Outcome(run, stored["result"], stored["seconds"], cached=True)
+        stored = json.loads(path.read_bytes().decode("utf-8"))
+    except IsADirectoryError:
+        return "a directory stands where the file should be"
+    except OSError as exc:
+        return f"it cannot be read: {exc.strerror or exc}"
+    except UnicodeDecodeError:
+        return "it is not UTF-8 text"
+    except ValueError:  # json.JSONDecodeError
+        return "it is not valid JSON"
+    if not isinstance(stored, dict):
+        return f"it holds a JSON {type(stored).__name__}, not an object"
+    missing = [name for name in ("kind", "params", "result", "seconds") if name not in stored]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    canonical = lambda params: json.dumps(params, sort_keys=True)  # noqa: E731 - tuples are lists, NaN is NaN
+    if stored["kind"] != run.kind or canonical(stored["params"]) != canonical(run.params):
+        return "it records another run (its kind or parameters differ)"
+    seconds = stored["seconds"]
+    if "sha256" in stored and stored["sha256"] != _entry_digest(stored):  # entries before it had none
+        return "its contents differ from what was written (sha256 mismatch)"
+    if not isinstance(stored["result"], dict):
+        return "its result is not an object"
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+        return "its seconds is not a non-negative number"
+    return Outcome(run, stored["result"], float(seconds), cached=True)
+
+
+def _entry_digest(entry: dict) -> str:
+    """The sha256 of an entry's kind, params, result and seconds, as canonical JSON: the entry records it,
+    so that bytes changed on disk (a digit flipped, the length kept) are caught on reading."""
+    text = json.dumps({name: entry[name] for name in ("kind", "params", "result", "seconds")}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _execute(function: RunFunction, run: Run, out: str, data_dir, download, threads: int) -> tuple[dict, float]:
@@ -134,8 +185,8 @@ def _execute(function: RunFunction, run: Run, out: str, data_dir, download, thre
     context = RunContext(Path(out) / "runs" / run.key(), data_dir, download)
     result = function(run.params, context)
     seconds = time.perf_counter() - start
-    files.write_json(_cache_path(Path(out), run), {"kind": run.kind, "params": run.params, "result": result,
-                                                    "seconds": seconds})
+    entry = {"kind": run.kind, "params": run.params, "result": result, "seconds": seconds}
+    files.write_json(_cache_path(Path(out), run), {**entry, "sha256": _entry_digest(entry)})
     return result, seconds
 
 
@@ -146,7 +197,7 @@ def execute(runs: Sequence[Run], settings: Settings, kinds: dict[str, RunFunctio
     if unknown:
         raise ValueError(f"no run function for kind(s) {', '.join(unknown)}; register them in bnlab.studies.RUN_KINDS")
     unique = list({run.key(): run for run in runs}.values())
-    done = {run.key(): outcome for run in unique if (outcome := _read_cache(settings.out, run))}
+    done = {run.key(): outcome for run in unique if (outcome := _read_cache(settings.out, run, settings.progress))}
     todo = [run for run in unique if run.key() not in done]
     settings.progress(f"{len(unique)} runs: {len(done)} cached, {len(todo)} to do with {settings.jobs} job(s)")
     threads = max(1, (os.cpu_count() or 1) // settings.jobs)
