@@ -30,3 +30,5 @@ from bnlab.nn.whitening import *  # noqa: F401,F403
 from bnlab.nn.whitening import __all__ as _whitening_all
 
 __all__ = [*_batchnorm_all, *_inference_all, *_stateless_all, *_sync_all, *_norms_all, *_variants_all, *_whitening_all]
+from bnlab.nn.guards import FiniteGuard, check_finite  # noqa: E402 - check_finite guards norm layers against NaN/inf
+__all__ += ["check_finite", "FiniteGuard"]
