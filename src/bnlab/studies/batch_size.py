@@ -35,7 +35,7 @@ import torch
 
 from bnlab.data import FashionMNIST
 from bnlab.studies.engine import (Outcome, Report, Run, RunContext, Settings, Study, Verdict, difference, fmt,
-                                  markdown_table, mean_std, plot_against_batch_size, pyplot, round_lr, save_figure,
+                                  markdown_table, mean_std, plot_against_batch_size, pyplot, round_lr, saved_plot,
                                   scaled_lr, train_run, trained_network, with_precise_statistics)
 from bnlab.training import EVAL_BATCH_SIZE, evaluate
 
@@ -397,8 +397,7 @@ class BatchSize(Study):
         plot_against_batch_size(right, by_position, "final validation accuracy")
         right.set_title("validation accuracy per rate of the grid (diverged: gap)")
         right.legend(fontsize=7)
-        save_figure(fig, settings.out / "batch_size_accuracy.png")
-        return ("batch_size_accuracy.png",
-                "Left: test accuracy at each batch size's chosen learning rate, with precise statistics and with the "
-                "moving averages (mean ± std over seeds; shaded: the chapter's 50–100). Right: final validation "
-                "accuracy (precise statistics) for each rate of the grid, rule = 0.1·sqrt(batch/128).")
+        return saved_plot(fig, settings, "batch_size_accuracy.png",
+                          "Left: test accuracy at each batch size's chosen learning rate, with precise statistics and with the "
+                          "moving averages (mean ± std over seeds; shaded: the chapter's 50–100). Right: final validation "
+                          "accuracy (precise statistics) for each rate of the grid, rule = 0.1·sqrt(batch/128).")

@@ -34,7 +34,7 @@ from bnlab import data
 from bnlab.models import NORM_SITES, build_model, norm_layers
 from bnlab.studies.engine import (FULL_SEEDS, MODEL, Outcome, Report, Run, RunContext, Settings, Study, Verdict,
                                   config_name, difference, finals, fixed_settings, fmt, group_results, markdown_table,
-                                  plot_curves_by_preset, preset_of, pyplot, save_figure, trained_network, training_data,
+                                  plot_curves_by_preset, preset_of, pyplot, saved_plot, trained_network, training_data,
                                   training_params)
 from bnlab.training import PRESETS, epoch_seed
 
@@ -318,8 +318,8 @@ class Bias(Study):
         ax.set_ylabel("‖∇ bias‖ / ‖∇ weight‖")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-        save_figure(fig, settings.out / "bias_gradients.png")
-        return "bias_gradients.png", ("Bias gradient relative to the weight gradient, per layer (largest over seeds, "
-                                      "presets and probe batches; log scale). conv1 to fc2 are followed by a BN; "
-                                      "the output layer is not (the control). Dotted: the level below which a "
-                                      "gradient counts as zero up to float32 rounding.")
+        return saved_plot(fig, settings, "bias_gradients.png",
+                          "Bias gradient relative to the weight gradient, per layer (largest over seeds, "
+                          "presets and probe batches; log scale). conv1 to fc2 are followed by a BN; "
+                          "the output layer is not (the control). Dotted: the level below which a "
+                          "gradient counts as zero up to float32 rounding.")

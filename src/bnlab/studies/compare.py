@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from bnlab.studies.engine import (Outcome, Report, Run, Settings, Study, Verdict, difference, final, fmt, markdown_table,
-                                  mean_curve, plot_epoch_curves, pyplot, save_figure)
+                                  mean_curve, plot_epoch_curves, pyplot, saved_plot)
 from bnlab.training import PRESETS
 
 MODELS = ("lenet", "bn-lenet", "bn-lenet-torch")
@@ -149,8 +149,8 @@ class Compare(Study):
         ax.set_ylabel("final test accuracy")
         ax.set_ylim(max(0.0, min(means) - 0.1), 1.0)
         ax.grid(axis="y", alpha=0.3)
-        save_figure(fig, settings.out / "compare_accuracy.png")
-        return "compare_accuracy.png", "Final test accuracy per model, preset and pooling (bars: mean; whiskers: half the range over seeds)."
+        return saved_plot(fig, settings, "compare_accuracy.png",
+                          "Final test accuracy per model, preset and pooling (bars: mean; whiskers: half the range over seeds).")
 
     @staticmethod
     def _plot_curves(by_config, settings):
@@ -161,5 +161,5 @@ class Compare(Study):
             plot_epoch_curves(ax, curves, "test accuracy")
             ax.set_title(f"{preset} preset, average pooling")
         axes[0].legend()
-        save_figure(fig, settings.out / "compare_curves.png")
-        return "compare_curves.png", "Test accuracy per epoch (mean over seeds), average pooling."
+        return saved_plot(fig, settings, "compare_curves.png",
+                          "Test accuracy per epoch (mean over seeds), average pooling.")

@@ -40,7 +40,7 @@ from torch import nn
 from bnlab import data
 from bnlab.nn import BatchNorm1d
 from bnlab.studies.engine import (Outcome, Report, Run, RunContext, Settings, Study, final, fmt, markdown_table,
-                                  mean_std, pyplot, save_figure, training_result)
+                                  label_axes, mean_std, pyplot, saved_plot, training_result)
 from bnlab.training import Diverged, Loop
 
 DEPTHS = (10, 30, 100)
@@ -294,10 +294,9 @@ class Depth(Study):
         ax.set_title(f"{deep}-layer networks at initialization")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        save_figure(fig, settings.out / "depth_gradients.png")
-        return ("depth_gradients.png",
-                f"Weight-gradient norm of every layer of the {deep}-layer networks at initialization (one batch, train "
-                "mode; geometric mean over seeds; log scale; non-finite norms are left out).")
+        return saved_plot(fig, settings, "depth_gradients.png",
+                          f"Weight-gradient norm of every layer of the {deep}-layer networks at initialization (one batch, train "
+                          "mode; geometric mean over seeds; log scale; non-finite norms are left out).")
 
     @staticmethod
     def _plot_accuracy(at_kept, settings):
@@ -311,11 +310,7 @@ class Depth(Study):
         ax.axhline(SUCCESS_ACCURACY, color="gray", lw=0.8, ls=":", label="success threshold")
         ax.set_xscale("log")
         ax.set_xticks(DEPTHS, [str(d) for d in DEPTHS])
-        ax.set_xlabel("layers")
-        ax.set_ylabel("final test accuracy (kept lr)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save_figure(fig, settings.out / "depth_accuracy.png")
-        return ("depth_accuracy.png",
-                "Final test accuracy at each combination's kept learning rate (mean ± std over seeds; 0 where every "
-                "rate diverged).")
+        label_axes(ax, "layers", "final test accuracy (kept lr)", legend_size=7)
+        return saved_plot(fig, settings, "depth_accuracy.png",
+                          "Final test accuracy at each combination's kept learning rate (mean ± std over seeds; 0 where every "
+                          "rate diverged).")

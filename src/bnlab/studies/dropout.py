@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from bnlab.studies.engine import (FULL_SEEDS, NO_NORM, Outcome, Report, Run, RunContext, Settings, Study, Verdict,
                                   config_name, difference, finals, fixed_settings, fmt, group_results, markdown_table,
-                                  mean_std, plot_bars, plot_curves_by_preset, preset_of, pyplot, save_figure,
+                                  mean_std, plot_bars, plot_curves_by_preset, preset_of, pyplot, saved_plot,
                                   trained_network, training_data, training_params)
 from bnlab.training import PRESETS, evaluate
 
@@ -202,7 +202,7 @@ class Dropout(Study):
         axes[0][0].set_ylim(max(0.0, lowest - 0.05), 1.0)  # the row shares it; zoomed in to show gaps of a few points
         axes[0][0].set_ylabel("accuracy (mean over seeds)")
         axes[0][0].legend(fontsize=8)
-        save_figure(fig, settings.out / "dropout_gap.png")
-        return "dropout_gap.png", ("Top: accuracy on the training set (eval mode) beside test accuracy (mean over "
-                                   "seeds; the axis starts near the lowest bar). Bottom: their difference, the "
-                                   "train/test gap (whiskers: half the range over seeds).")
+        return saved_plot(fig, settings, "dropout_gap.png",
+                          "Top: accuracy on the training set (eval mode) beside test accuracy (mean over "
+                          "seeds; the axis starts near the lowest bar). Bottom: their difference, the "
+                          "train/test gap (whiskers: half the range over seeds).")

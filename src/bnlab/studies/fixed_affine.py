@@ -16,7 +16,7 @@ from __future__ import annotations
 from bnlab.models import NORM_SITES, norm_layers
 from bnlab.studies.engine import (FULL_SEEDS, Outcome, Report, Run, RunContext, Settings, Study, Verdict, config_name,
                                   difference, finals, fixed_settings, fmt, group_results, markdown_table, mean_std,
-                                  plot_curves_by_preset, preset_of, pyplot, save_figure, trained_network,
+                                  plot_curves_by_preset, preset_of, pyplot, saved_plot, trained_network,
                                   training_params)
 from bnlab.training import PRESETS
 
@@ -164,6 +164,6 @@ class FixedAffine(Study):
                 ax.set_title(f"{preset} preset: learned {parameter}")
                 ax.grid(axis="y", alpha=0.3)
                 ax.legend(fontsize=8)
-        save_figure(fig, settings.out / "fixed_affine_parameters.png")
-        return "fixed_affine_parameters.png", ("The learned gamma and beta of every channel, per BN layer (boxes over "
-                                               "channels and seeds), against the values the fixed runs keep.")
+        return saved_plot(fig, settings, "fixed_affine_parameters.png",
+                          "The learned gamma and beta of every channel, per BN layer (boxes over "
+                          "channels and seeds), against the values the fixed runs keep.")

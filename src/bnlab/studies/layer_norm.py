@@ -26,7 +26,7 @@ from collections import defaultdict
 
 from bnlab.studies.engine import (Outcome, Report, Run, Settings, Study, Verdict, difference, final, fmt,
                                   markdown_table, mean_curve, mean_std, plot_against_batch_size, plot_epoch_curves,
-                                  pyplot, round_lr, save_figure, scaled_lr)
+                                  pyplot, round_lr, saved_plot, scaled_lr)
 
 NORMS = ("batchnorm", "layernorm", "groupnorm", "instancenorm")
 FULL_BATCHES, QUICK_BATCHES = (2, 4, 16, 128), (2, 16, 128)
@@ -171,11 +171,10 @@ class LayerNormStudy(Study):
             ax.errorbar([default["batch_size"] * 1.15], [mean], yerr=[std], fmt="*", ms=9, capsize=3, color=f"C{index}",
                         label="default setting" if index == 0 else None)
         ax.legend(fontsize=8)
-        save_figure(fig, settings.out / "layer_norm_accuracy.png")
-        return ("layer_norm_accuracy.png",
-                "Final test accuracy per normalization against the batch size (mean ± std over seeds; lr = "
-                f"0.1·sqrt(batch/128); matched epochs, so the larger batches take fewer steps). Stars: the default "
-                f"setting (batch {default['batch_size']}, lr {default['lr']:g}, {default['epochs']} epochs).")
+        return saved_plot(fig, settings, "layer_norm_accuracy.png",
+                          "Final test accuracy per normalization against the batch size (mean ± std over seeds; lr = "
+                          f"0.1·sqrt(batch/128); matched epochs, so the larger batches take fewer steps). Stars: the default "
+                          f"setting (batch {default['batch_size']}, lr {default['lr']:g}, {default['epochs']} epochs).")
 
     @staticmethod
     def _plot_curves(batches, results, settings):
@@ -186,7 +185,6 @@ class LayerNormStudy(Study):
                               "test accuracy")
             ax.set_title(label(column))
         axes[0].legend(fontsize=8)
-        save_figure(fig, settings.out / "layer_norm_curves.png")
-        return ("layer_norm_curves.png",
-                f"Test accuracy per epoch (mean over seeds) at the smallest batch size ({min(batches)}, matched "
-                "epochs) and in the default setting.")
+        return saved_plot(fig, settings, "layer_norm_curves.png",
+                          f"Test accuracy per epoch (mean over seeds) at the smallest batch size ({min(batches)}, matched "
+                          "epochs) and in the default setting.")

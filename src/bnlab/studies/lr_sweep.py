@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from bnlab.studies.engine import (Outcome, Report, Run, Settings, Study, best, final, fmt, markdown_table, mean_curve,
-                                  plot_epoch_curves, pyplot, save_figure)
+                                  label_axes, plot_epoch_curves, pyplot, saved_plot)
 
 MODELS = ("lenet", "bn-lenet")
 FULL_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -115,12 +115,9 @@ class LrSweep(Study):
             ax.plot(rates, bests, style, alpha=0.4, label=f"{model} best")
         ax.axhline(SUCCESS_ACCURACY, color="gray", lw=0.8, ls=":", label="success threshold")
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save_figure(fig, settings.out / "lr_sweep_accuracy.png")
-        return "lr_sweep_accuracy.png", "Final and best test accuracy against the learning rate (mean over seeds)."
+        label_axes(ax, "learning rate", "test accuracy", legend_size=7)
+        return saved_plot(fig, settings, "lr_sweep_accuracy.png",
+                          "Final and best test accuracy against the learning rate (mean over seeds).")
 
     @staticmethod
     def _plot_curves(results, rates, settings):
@@ -133,6 +130,6 @@ class LrSweep(Study):
                 axes[row][column].set_title(f"{model}: {label}")
             axes[0][column].set_yscale("log")
         axes[1][1].legend(fontsize=7)
-        save_figure(fig, settings.out / "lr_sweep_curves.png")
-        return "lr_sweep_curves.png", ("Training loss (log scale) and test accuracy per epoch for every learning rate; "
-                                       "diverged runs end where they stopped.")
+        return saved_plot(fig, settings, "lr_sweep_curves.png",
+                          "Training loss (log scale) and test accuracy per epoch for every learning rate; "
+                          "diverged runs end where they stopped.")

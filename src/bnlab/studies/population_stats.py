@@ -30,7 +30,7 @@ from torch import nn
 from bnlab import data
 from bnlab.models import norm_layers
 from bnlab.studies.engine import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, history_of,
-                                  markdown_table, mean_std, pyplot, save_figure, trained_network,
+                                  markdown_table, mean_std, pyplot, saved_plot, trained_network,
                                   with_precise_statistics)
 from bnlab.training import EVAL_BATCH_SIZE, PRESETS, evaluate
 
@@ -253,9 +253,8 @@ class PopulationStats(Study):
         ax.set_ylabel("final test accuracy")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-        save_figure(fig, settings.out / "population_stats_methods.png")
-        return ("population_stats_methods.png",
-                "Final test accuracy of every seed (dots; bar: mean) per prediction method and configuration.")
+        return saved_plot(fig, settings, "population_stats_methods.png",
+                          "Final test accuracy of every seed (dots; bar: mean) per prediction method and configuration.")
 
     @staticmethod
     def _plot_curves(results, settings):
@@ -274,7 +273,6 @@ class PopulationStats(Study):
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("test accuracy (moving averages)")
-        save_figure(fig, settings.out / "population_stats_curves.png")
-        return ("population_stats_curves.png",
-                "Test accuracy with the moving averages after every epoch, one line per seed; the star at the end is "
-                "the same final network with recomputed statistics.")
+        return saved_plot(fig, settings, "population_stats_curves.png",
+                          "Test accuracy with the moving averages after every epoch, one line per seed; the star at the end is "
+                          "the same final network with recomputed statistics.")

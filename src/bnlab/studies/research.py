@@ -63,7 +63,7 @@ from bnlab.models import NORM_SITES, build_model, norm_layers
 from bnlab.nn import recomputable
 from bnlab.studies.engine import (LoopSpec, Outcome, Report, Run, RunContext, Settings, Study, Verdict, activations_at,
                                   channel_columns, difference, fmt, markdown_table, mean_curve, mean_std,
-                                  plot_epoch_curves, pyplot, save_figure, side_effect_free, train_with_hooks,
+                                  label_axes, plot_epoch_curves, pyplot, saved_plot, side_effect_free, train_with_hooks,
                                   with_precise_statistics)
 from bnlab.training import Hooks, evaluate
 
@@ -419,9 +419,9 @@ class Measures:
         plot_epoch_curves(ax_loss, {c.label: mean_curve(self.ok[c], "train_loss") for c in CONFIGS}, "train loss")
         ax_loss.set_yscale("log")
         ax_acc.legend(fontsize=7)
-        save_figure(fig, settings.out / "research_curves.png")
-        return "research_curves.png", ("Test accuracy (eval mode, running statistics) and training loss (log scale) "
-                                       "per epoch, mean over seeds.")
+        return saved_plot(fig, settings, "research_curves.png",
+                          "Test accuracy (eval mode, running statistics) and training loss (log scale) "
+                          "per epoch, mean over seeds.")
 
     def plot_whiteness(self, settings):
         plt = pyplot()
@@ -440,9 +440,9 @@ class Measures:
             ax.set_ylabel("mean |off-diagonal correlation|")
             ax.grid(axis="y", alpha=0.3)
         axes[1].legend(fontsize=7, ncol=2)
-        save_figure(fig, settings.out / "research_whiteness.png")
-        return "research_whiteness.png", ("How white each norm layer's output is (bars; dashes: its input) on test "
-                                          "images, within whitening groups, mean over seeds.")
+        return saved_plot(fig, settings, "research_whiteness.png",
+                          "How white each norm layer's output is (bars; dashes: its input) on test "
+                          "images, within whitening groups, mean over seeds.")
 
     def plot_scales(self, settings):
         plt = pyplot()
@@ -456,10 +456,7 @@ class Measures:
                         label=None if n else config.label)
         ax.axhline(PRUNE_THRESHOLD, color="gray", lw=0.8, ls=":", label="prune threshold")
         ax.set_yscale("log")
-        ax.set_xlabel("fraction of norm channels (sorted by |γ|)")
-        ax.set_ylabel("|γ|")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save_figure(fig, settings.out / "research_scales.png")
-        return "research_scales.png", (f"Sorted |γ| of all {channels} norm channels after training "
-                                       "(one line per seed).")
+        label_axes(ax, "fraction of norm channels (sorted by |γ|)", "|γ|", legend_size=7)
+        return saved_plot(fig, settings, "research_scales.png",
+                          f"Sorted |γ| of all {channels} norm channels after training "
+                          "(one line per seed).")

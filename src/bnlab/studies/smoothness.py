@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from bnlab.data import to_input
 from bnlab.models import NORM_SITES, norm_layers
 from bnlab.studies.engine import (LoopSpec, Outcome, Report, Run, RunContext, Settings, Study, activations_at,
-                                  channel_columns, difference, fmt, markdown_table, mean_std, pyplot, save_figure,
+                                  channel_columns, difference, fmt, markdown_table, mean_std, pyplot, saved_plot,
                                   side_effect_free, train_with_hooks)
 from bnlab.training import Hooks
 
@@ -491,11 +491,11 @@ def plot_curves(results, rates, settings):
         ax.set_xlabel("training step")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8,
                bbox_to_anchor=(0.5, -0.06))
-    save_figure(fig, settings.out / "smoothness_curves.png")
-    return "smoothness_curves.png", ("The probes over training (mean over seeds; log scale except the cosine; gray "
-                                     "lines: start of the learning phase). Lower loss variation, gradient change and "
-                                     "β-smoothness mean a smoother landscape; drift and ICS measure how much the "
-                                     "layers' inputs move.")
+    return saved_plot(fig, settings, "smoothness_curves.png",
+                      "The probes over training (mean over seeds; log scale except the cosine; gray "
+                      "lines: start of the learning phase). Lower loss variation, gradient change and "
+                      "β-smoothness mean a smoother landscape; drift and ICS measure how much the "
+                      "layers' inputs move.")
 
 
 def _mean_curve(rs: list[dict], value) -> list[tuple[int, float]]:

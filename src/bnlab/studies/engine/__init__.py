@@ -13,10 +13,10 @@ Imports go one way: training <- engine <- the study modules. The names below are
 ones, so that a study imports what it needs from `bnlab.studies.engine`.
 """
 
-from bnlab.studies.engine.plots import (LINE_STYLES, LOSS_AND_ACCURACY, TEST_ACCURACY, mean_curve,
+from bnlab.studies.engine.plots import (LINE_STYLES, LOSS_AND_ACCURACY, TEST_ACCURACY, label_axes, mean_curve,
                                         plot_accuracy_and_curves_by_preset, plot_accuracy_by_preset,
                                         plot_against_batch_size, plot_bars, plot_curves_by_preset, plot_epoch_curves,
-                                        pyplot, save_figure)
+                                        pyplot, save_figure, saved_plot)
 from bnlab.studies.engine.presets import (FULL_SEEDS, MODEL, NO_NORM, QUICK_DATA, QUICK_EPOCHS, config_name,
                                           fixed_settings, preset_of, preset_title, round_lr, scaled_lr, training_params)
 from bnlab.studies.engine.probes import activations_at, channel_columns, side_effect_free
@@ -29,9 +29,9 @@ from bnlab.studies.engine.stats import (GainRecovery, Verdict, best, difference,
 from bnlab.studies.engine.study import Study, run_study
 
 __all__ = [
-    "LINE_STYLES", "LOSS_AND_ACCURACY", "TEST_ACCURACY", "mean_curve", "plot_accuracy_and_curves_by_preset",
-    "plot_accuracy_by_preset",
-    "plot_against_batch_size", "plot_bars", "plot_curves_by_preset", "plot_epoch_curves", "pyplot", "save_figure",
+    "LINE_STYLES", "LOSS_AND_ACCURACY", "TEST_ACCURACY", "label_axes", "mean_curve",
+    "plot_accuracy_and_curves_by_preset", "plot_accuracy_by_preset", "plot_against_batch_size", "plot_bars",
+    "plot_curves_by_preset", "plot_epoch_curves", "pyplot", "save_figure", "saved_plot",
     "FULL_SEEDS", "MODEL", "NO_NORM", "QUICK_DATA", "QUICK_EPOCHS", "config_name", "fixed_settings", "preset_of",
     "preset_title", "round_lr", "scaled_lr", "training_params", "activations_at", "channel_columns",
     "side_effect_free", "Report", "markdown_table", "SHARED_RUN_KINDS", "LoopOutcome", "LoopSpec", "train_run",

@@ -5,7 +5,7 @@ and curves against batch size. Every plot keeps one style per label, so identica
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from bnlab import files
 from bnlab.studies.engine.presets import preset_title
@@ -25,6 +25,13 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def saved_plot(fig, settings: Settings, filename: str, caption: str) -> tuple[str, str]:
+    """Save `fig` as `filename` in the study's output folder; return the report's (file name, caption)
+    entry for it, so the name is written once."""
+    save_figure(fig, settings.out / filename)
+    return filename, caption
+
+
 def pyplot():
     """matplotlib.pyplot with a file-only backend."""
     import matplotlib
@@ -36,6 +43,15 @@ def pyplot():
 
 
 LINE_STYLES = ("-o", "--s", ":^", "-.v", "-d", "--x", ":*", "-.p")
+
+
+def label_axes(ax, xlabel: str, ylabel: str, legend_size: Optional[int] = None) -> None:
+    """Label both axes and draw the studies' light grid; with `legend_size`, a legend in that font size."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend_size is not None:
+        ax.legend(fontsize=legend_size)
 
 
 def mean_curve(results: Sequence[dict], metric: str) -> list[float]:
@@ -52,9 +68,7 @@ def plot_epoch_curves(ax, curves: dict[str, list[float]], ylabel: str) -> None:
     for (label, values), style in zip(curves.items(), LINE_STYLES * len(curves)):
         ax.plot(range(1, len(values) + 1), values, style, ms=3, label=label, alpha=0.85)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
+    label_axes(ax, "epoch", ylabel)
 
 
 def plot_bars(ax, labels: Sequence[str], values: Sequence[Sequence[float]], ylabel: str) -> None:
@@ -82,8 +96,7 @@ def plot_accuracy_by_preset(accuracy: Callable[[str, str], Sequence[float]], nam
     for ax, preset in zip(axes, PRESETS):
         plot_bars(ax, list(names), [accuracy(preset, name) for name in names], "final test accuracy")
         ax.set_title(preset_title(preset))
-    save_figure(fig, settings.out / filename)
-    return filename, caption
+    return saved_plot(fig, settings, filename, caption)
 
 
 def plot_accuracy_and_curves_by_preset(accuracy: Callable[[str, str], Sequence[float]], results: dict,
@@ -115,8 +128,7 @@ def plot_curves_by_preset(results: dict, names: Sequence[str], settings: Setting
             if row < len(metrics) - 1:
                 axes[row][column].set_xlabel("")  # the shared epoch axis is labelled once, at the bottom
     axes[-1][0].legend(fontsize=8)
-    save_figure(fig, settings.out / filename)
-    return filename, caption
+    return saved_plot(fig, settings, filename, caption)
 
 
 def plot_against_batch_size(ax, series: dict[str, dict[int, Sequence[float]]], ylabel: str) -> None:
@@ -129,6 +141,4 @@ def plot_against_batch_size(ax, series: dict[str, dict[int, Sequence[float]]], y
     ax.set_xscale("log", base=2)
     ticks = sorted({size for by_size in series.values() for size in by_size})
     ax.set_xticks(ticks, [str(size) for size in ticks])
-    ax.set_xlabel("batch size")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
+    label_axes(ax, "batch size", ylabel)
