@@ -92,7 +92,7 @@ def generated() -> Generated:
 @pytest.mark.parametrize("compression", ["gz", "raw", "mixed"])
 def test_load_reads_gzip_and_raw_files(tmp_path, generated, compression):
     root = write(tmp_path / "ds", generated, compression)
-    ds = data.load(root, download=False)
+    ds = data.load(root, download=False, checksums=generated.checksums)
     assert ds.root == root
     assert ds.classes == data.CLASSES
     for key, array in generated.arrays.items():
@@ -105,7 +105,7 @@ def test_load_reads_gzip_and_raw_files(tmp_path, generated, compression):
 
 
 def test_loaded_tensors_own_writable_memory(tmp_path, generated):
-    ds = data.load(write(tmp_path / "ds", generated), download=False)
+    ds = data.load(write(tmp_path / "ds", generated), download=False, checksums=generated.checksums)
     ds.train_images[0, 0, 0] = 7  # would warn or crash if it aliased an immutable bytes object
     assert int(ds.train_images[0, 0, 0]) == 7
 
@@ -163,7 +163,7 @@ def test_damaged_file_is_a_one_line_data_error_naming_it(tmp_path, generated, da
     generated.contents[key] = content
     root = write(tmp_path / "ds", generated, compression)
     with pytest.raises(data.DataError) as excinfo:
-        data.load(root, download=False)
+        data.load(root, download=False, checksums=generated.checksums)
     message = str(excinfo.value)
     assert data.FILES[key] in message
     assert problem in message
@@ -185,7 +185,7 @@ def test_corrupt_gzip_is_a_data_error_naming_the_file(tmp_path, generated, corru
     path = root / "train-images-idx3-ubyte.gz"
     path.write_bytes(corrupt(path.read_bytes()))
     with pytest.raises(data.DataError, match="not a readable gzip file") as excinfo:
-        data.load(root, download=False)
+        data.load(root, download=False, checksums=generated.checksums)
     assert str(path) in str(excinfo.value)
     assert problem in str(excinfo.value)
 
@@ -194,13 +194,13 @@ def test_raw_name_holding_gzip_says_so(tmp_path, generated):
     root = write(tmp_path / "ds", generated, "raw")
     (root / "t10k-labels-idx1-ubyte").write_bytes(generated.gz("test_labels"))
     with pytest.raises(data.DataError, match=r"t10k-labels-idx1-ubyte: .*it is gzip-compressed: name it \.gz"):
-        data.load(root, download=False)
+        data.load(root, download=False, checksums=generated.checksums)
 
 
 def test_gzip_file_is_preferred_over_raw(tmp_path, generated):
     root = write(tmp_path / "ds", generated, "gz")
     (root / "train-labels-idx1-ubyte").write_bytes(b"garbage that would fail to parse")
-    ds = data.load(root, download=False)
+    ds = data.load(root, download=False, checksums=generated.checksums)
     assert torch.equal(ds.train_labels, torch.from_numpy(generated.arrays["train_labels"]).long())
 
 
@@ -254,7 +254,7 @@ def test_explicit_dir_without_files_is_an_error_even_when_others_hold_them(tmp_p
     (partial / "train-images-idx3-ubyte.gz").unlink()
     assert data.locate(partial) is None
     with pytest.raises(data.DataError) as excinfo:
-        data.load(partial, download=False)
+        data.load(partial, download=False, checksums=generated.checksums)
     message = str(excinfo.value)
     assert f"{partial} (missing train-images-idx3-ubyte)" in message
     assert str(tmp_path / "system") not in message
@@ -339,7 +339,7 @@ def test_download_fetches_verifies_and_loads(tmp_path, mirror, generated):
     assert leftovers(root) == sorted(f"{name}.gz" for name in data.FILES.values())
     assert sorted(mirror.requests) == sorted(f"/{name}.gz" for name in data.FILES.values())
     assert [ok for *_, ok, _ in data.verify(checksums=generated.checksums)] == [True] * 4
-    ds = data.load(download=False)
+    ds = data.load(download=False, checksums=generated.checksums)
     assert ds.root == root
     assert torch.equal(ds.test_images, torch.from_numpy(generated.arrays["test_images"]))
 
@@ -365,6 +365,21 @@ def test_load_downloads_into_explicit_dir_from_env_mirror(tmp_path, monkeypatch,
     assert ds.root == target
     assert torch.equal(ds.train_labels, torch.from_numpy(generated.arrays["train_labels"]).long())
     assert not (tmp_path / "cache").exists()
+
+
+def test_damaged_file_in_the_download_cache_is_fetched_again_with_a_notice(tmp_path, mirror, generated, capsys):
+    mirror.serve(generated)
+    root = data.download(mirror=mirror.url, checksums=generated.checksums, progress=False, timeout=5)
+    damaged = root / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(damaged.read_bytes()))
+    raw[-1] = (raw[-1] + 1) % 10  # one label changed: a well-formed file that only the checksum catches
+    damaged.write_bytes(gzip.compress(bytes(raw)))
+    ds = data.load(mirror=mirror.url, checksums=generated.checksums, progress=False)
+    assert "notice:" in capsys.readouterr().err and damaged.name in mirror.requests[-1]
+    assert torch.equal(ds.test_labels, torch.from_numpy(generated.arrays["test_labels"]).long())
+    with pytest.raises(data.DataError, match="sha256"):  # without downloading, the damage is an error
+        damaged.write_bytes(gzip.compress(bytes(raw)))
+        data.load(download=False, checksums=generated.checksums)
 
 
 def test_checksum_mismatch_leaves_no_file(tmp_path, mirror, generated):
@@ -461,7 +476,7 @@ def test_verify_with_nothing_found_says_where_it_looked(tmp_path):
 
 
 def test_subset_is_seeded_and_keeps_pairs(tmp_path, generated):
-    ds = data.load(write(tmp_path / "ds", generated), download=False)
+    ds = data.load(write(tmp_path / "ds", generated), download=False, checksums=generated.checksums)
     sub = ds.subset(train=8, test=3, seed=5)
     assert sub.train_images.shape == (8, 28, 28) and sub.test_labels.shape == (3,)
     rows = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(5))[:8]
@@ -477,7 +492,7 @@ def test_subset_is_seeded_and_keeps_pairs(tmp_path, generated):
 
 @pytest.mark.parametrize("size", [N_TRAIN + 1, 0, -1])
 def test_subset_size_out_of_range_is_a_data_error(tmp_path, generated, size):
-    ds = data.load(write(tmp_path / "ds", generated), download=False)
+    ds = data.load(write(tmp_path / "ds", generated), download=False, checksums=generated.checksums)
     with pytest.raises(data.DataError, match=f"1..{N_TRAIN} are available"):
         ds.subset(train=size)
 
