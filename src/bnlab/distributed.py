@@ -23,8 +23,10 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -201,9 +203,30 @@ def _portable_error(exc: BaseException) -> tuple[bytes, str]:
     return payload, text
 
 
-def _run_rank(fn, args, rank: int, world_size: int, port: int, backend: str, inbox) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this process when the launcher `parent` dies, however it dies (even by SIGKILL, which runs no
+    cleanup there): an orphaned worker would go on writing into the run and holding its lock. Linux's
+    PR_SET_PDEATHSIG does it at once; a thread watching the parent id covers other systems."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="bnlab-parent-watch", daemon=True).start()
+
+
+def _run_rank(fn, args, rank: int, world_size: int, port: int, backend: str, inbox, parent: int) -> None:
     """The body of a launched process: join the group, run fn(*args), send the result or the error."""
     global _launcher_inbox
+    _die_with_parent(parent)
     _launcher_inbox = inbox
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -244,6 +267,7 @@ def launch(
     must be a module-level function, and `fn`, `args` and the results picklable (tensors in `args` travel
     through shared memory). Messages sent with `report` go to `on_message` (default: print).
 
+    The processes end with the launcher: killed (even by SIGKILL), it leaves no orphan behind.
     If a process raises, the others get PEER_GRACE_SECONDS to finish, are then ended, and the first
     error is re-raised here (its traceback in the process attached as a note). With `timeout`, processes
     still running after that many seconds are ended and TimeoutError is raised.
@@ -265,7 +289,8 @@ def launch(
     inbox = context.Queue()
     port = free_loopback_port()
     processes = [
-        context.Process(target=_run_rank, args=(fn, args, rank, nproc, port, backend, inbox), daemon=True)
+        context.Process(target=_run_rank, args=(fn, args, rank, nproc, port, backend, inbox, os.getpid()),
+                        daemon=True)
         for rank in range(nproc)
     ]
     started: list = []
