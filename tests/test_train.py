@@ -135,17 +135,17 @@ def test_cli_train_inspect_evaluate(tmp_path, capsys, dataset):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["train", "--batch-size", "0"], "batch-size: must be a positive integer, got 0"),
-    (["train", "--epochs", "-3"], "epochs: must be a positive integer, got -3"),
+    (["train", "--batch-size", "0"], "batch-size: expected a positive integer, got '0'"),
+    (["train", "--epochs", "-3"], "epochs: expected a positive integer, got '-3'"),
     (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
-    (["train", "--lr", "-1"], "must be a positive number"),
+    (["train", "--lr", "-1"], "expected a positive number, got '-1'"),
     (["train", "--resume"], "--resume needs --out"),
     (["inspect", "/nonexistent/run"], "no bnlab run in /nonexistent/run"),
     (["evaluate", "/nonexistent/run"], "no bnlab run in /nonexistent/run"),
     (["study", "nope"], "unknown study 'nope'"),
     (["bench", "op", "--shapes", "12xbanana"], "expected a shape like 256x6x24x24"),
     (["train", "--bn-momentum", "1.5"], "BN momentum must be in [0, 1]"),
-    (["train", "--bn-eps", "0"], "bn-eps: must be a positive number"),
+    (["train", "--bn-eps", "0"], "bn-eps: expected a positive number"),
     (["train", "--model", "bn-lenet-chapter", "--bn-momentum", "0.2"], "momentum and eps are fixed in its code"),
     (["train", "--model", "lenet", "--bn-eps", "1e-3"], "no batch norm layer to take --bn-momentum/--bn-eps"),
 ])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from typing import Callable, Optional, Sequence
@@ -35,11 +36,37 @@ class UsageError(ValueError):
     """A mistake in what the user asked for; the CLI prints it on one line and exits with code 2."""
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+def _number(text: str, kind: type, ok: Callable[[float], bool], expected: str):
+    """`text` as a `kind` (int or float) for which `ok` holds; ArgumentTypeError saying what was expected."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float, math.isfinite, "a number")
+
+
+def seed_arg(text: str) -> int:
+    from bnlab.training.config import SEED_LIMIT
+
+    return _number(text, int, lambda v: 0 <= v < SEED_LIMIT, f"an integer from 0 to {SEED_LIMIT - 1}")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def shape_arg(text: str) -> tuple[int, ...]:
@@ -95,21 +122,26 @@ def cmd_train(args) -> int:
         print(f"bnlab: {exc}", file=sys.stderr)
         return 3
     final = result.final
-    print(f"done: {config.model} ({config.pool} pooling), {len(result.history)} epochs, final test acc "
+    print(f"done: {config.model} ({config.pool} pooling), {plural(len(result.history), 'epoch')}, final test acc "
           f"{final.test_acc:.4f}; run saved in {result.run_dir}")
     return 0
 
 
 def _load_run(run_dir):
+    """(config, the model in eval mode with the checkpoint's weights, the checkpoint) of a run; ValueError
+    naming the file when any of it is missing, damaged or inconsistent."""
+    from pathlib import Path
+
     from bnlab.models import build_model
-    from bnlab.training import load_checkpoint, load_config
+    from bnlab.training import rundir
     from bnlab.training.loop import set_bn_hyperparameters
 
-    config = load_config(run_dir)
-    state = load_checkpoint(run_dir)
+    config = rundir.load_config(run_dir)
+    state = rundir.load_checkpoint(run_dir)
+    rundir.check_fits(Path(run_dir), state, config)
     net = build_model(config.model, pool=config.pool, **config.model_options)
     set_bn_hyperparameters(net, config.bn_momentum, config.bn_eps)  # eps is not in the state dict
-    net.load_state_dict(state["model"])
+    rundir.load_weights(net, state["model"], Path(run_dir) / "checkpoint.pt")
     return config, net.eval(), state
 
 
@@ -127,7 +159,7 @@ def cmd_inspect(args) -> int:
 
     config, net, state = _load_run(args.run)
     layers = norm_layers(net)
-    print(f"{args.run}: {config.model}, {len(state['history'])} epochs, {len(layers)} normalization layers")
+    print(f"{args.run}: {config.model}, {plural(len(state['history']), 'epoch')}, {len(layers)} normalization layers")
     for name, layer in layers:
         print(f"\nlayer {name}: {layer.__class__.__name__}({layer.num_features})")
         for label, attr in (("gamma (weight)", "weight"), ("beta (bias)", "bias"),
@@ -140,17 +172,17 @@ def cmd_inspect(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from bnlab import data
-    from bnlab.training import evaluate, read_metrics, resolve_device
+    from bnlab.training import EpochMetrics, evaluate, resolve_device
 
     config, net, state = _load_run(args.run)
     device = resolve_device(args.device or config.device)
     dataset = data.load(args.data_dir or config.data_dir, download=not args.no_download)
     dataset = dataset.subset(None, config.test_subset, seed=config.seed)
     loss, acc = evaluate(net.to(device), dataset.test_images, dataset.test_labels, device)
-    recorded = read_metrics(args.run)[-1]
+    recorded = EpochMetrics(**state["history"][-1])  # the checkpoint's: metrics.csv is a copy of it
     statistics = "precise BN statistics" if state.get("precise_stats") else "BN moving averages"
     print(f"{args.run}: test loss {loss:.4f}, test acc {acc:.4f} with {statistics} "
-          f"(metrics.csv, epoch {recorded.epoch}, moving averages: test loss {recorded.test_loss:.4f}, "
+          f"(recorded after epoch {recorded.epoch} with moving averages: test loss {recorded.test_loss:.4f}, "
           f"test acc {recorded.test_acc:.4f})")
     return 0
 
@@ -201,10 +233,7 @@ def cmd_data(args) -> int:
         print(f"Fashion-MNIST is in {root}")
         return 0
     if args.action == "verify":
-        root = data.locate(args.data_dir)
-        if root is None:
-            raise UsageError("no Fashion-MNIST found to verify; get it with `bnlab data download`")
-        results = data.verify(root)
+        results = data.verify(args.data_dir)  # DataError when there is nothing to verify
         for key, path, ok, message in results:
             print(f"{'ok ' if ok else 'BAD'} {path}: {message}")
         return 0 if all(ok for _, _, ok, _ in results) else 1
@@ -328,13 +357,6 @@ def cmd_kernels(args) -> int:
 # ---- parser -----------------------------------------------------------------------------------------
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def _add_train_parser(sub) -> None:
     from bnlab.models import MODELS
     from bnlab.training import PRESETS, TrainConfig
@@ -348,14 +370,14 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--epochs", type=positive_int, help=f"epochs to train (default: the preset's, {default.epochs})")
     p.add_argument("--lr", type=positive_float, help=f"SGD learning rate (default: the preset's, {default.lr:g})")
     p.add_argument("--batch-size", type=positive_int, help=f"minibatch size (default: the preset's, {default.batch_size})")
-    p.add_argument("--momentum", type=float, help=f"SGD momentum, not BN's (default {default.momentum:g})")
-    p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {default.weight_decay:g})")
-    p.add_argument("--bn-momentum", type=float, metavar="M",
+    p.add_argument("--momentum", type=finite_float, help=f"SGD momentum, not BN's (default {default.momentum:g})")
+    p.add_argument("--weight-decay", type=finite_float, help=f"SGD weight decay (default {default.weight_decay:g})")
+    p.add_argument("--bn-momentum", type=finite_float, metavar="M",
                    help="every BN layer's momentum in torch's convention, running = (1-M)*running + M*batch "
                         "(default: the layers' own, 0.1)")
     p.add_argument("--bn-eps", type=positive_float, metavar="EPS",
                    help="every BN layer's eps, added to the variance (default: the layers' own, 1e-5)")
-    p.add_argument("--seed", type=int, help=f"seed of the initialization and the data order (default {default.seed})")
+    p.add_argument("--seed", type=seed_arg, help=f"seed of the initialization and the data order (default {default.seed})")
     p.add_argument("--device", help=f"cpu, cuda[:N] or auto (default {default.device}: CUDA when there is one)")
     p.add_argument("--threads", type=positive_int,
                    help="torch CPU threads per process (default: torch's; with --nproc, cores / N)")

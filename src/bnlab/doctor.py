@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, fx, nn
 
+from bnlab import files
 from bnlab.functional import convert_momentum
 from bnlab.nn import recompute_stats
 from bnlab.nn.batchnorm import BatchNormBase
@@ -570,8 +571,9 @@ def load_factory(spec: str) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path) -> nn.Module:
-    """Load a state dict (or a bnlab checkpoint, whose "model" entry is one) safely: weights_only=True."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a state dict (or a bnlab checkpoint, whose "model" entry is one) as untrusted data
+    (`bnlab.files.load_torch_file`: CRC-checked, weights_only)."""
+    state = files.load_torch_file(path, fix="check the --weights path")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):

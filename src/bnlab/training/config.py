@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from bnlab.models import LeNetConfig, model_config
+
+# Seeds are 0 .. 2**32 - 1 (numpy's range): the per-epoch seeds derived from them stay within torch's.
+SEED_LIMIT = 2**32
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 PRESETS = {
     "current": {"lr": 0.1, "batch_size": 128, "epochs": 10},  # the current edition's settings
@@ -71,8 +76,10 @@ class TrainConfig:
             (not chapter_bn or (self.bn_momentum is None and self.bn_eps is None),
              f"{self.model} uses the chapter's batch norm, whose momentum and eps are fixed in its code; "
              "drop --bn-momentum/--bn-eps or use bn-lenet"),
-            (self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-             f"device must be cpu, cuda[:N] or auto, got {self.device!r}"),
+            (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT,
+             f"seed must be an integer from 0 to {SEED_LIMIT - 1}, got {self.seed!r}"),
+            (isinstance(self.device, str) and DEVICE_PATTERN.fullmatch(self.device) is not None,
+             f"device must be cpu, cuda, cuda:N (N a GPU index) or auto, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}"),
             (isinstance(self.nproc, int) and self.nproc >= 1, f"nproc must be a positive integer, got {self.nproc!r}"),
             (self.nproc == 1 or not chapter_bn,
@@ -106,10 +113,16 @@ def with_preset(config: TrainConfig, preset: str) -> TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" is CUDA when there is one, else the CPU; ValueError for CUDA on a machine without it."""
+    """"auto" is CUDA when there is one, else the CPU; ValueError for a malformed name, for CUDA on a
+    machine without it, or for a GPU index it does not have."""
+    if DEVICE_PATTERN.fullmatch(name or "") is None:
+        raise ValueError(f"device must be cpu, cuda, cuda:N (N a GPU index) or auto, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) are visible; "
+                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return device

@@ -356,9 +356,14 @@ def _recorder(run_dir: Path, config: TrainConfig, net: nn.Module, optimizer, log
     title = f"{config.model} ({config.pool} pooling), lr {config.lr:g}, batch {config.batch_size}"
 
     def record(history: list[EpochMetrics], first_loss: Optional[float]) -> None:
-        rundir.save_checkpoint(run_dir, rundir.checkpoint_state(net, optimizer, history, first_loss, {}))
-        rundir.write_metrics(run_dir, history)
-        rundir.plot_curves(run_dir, history, title)
+        state = rundir.checkpoint_state(net, optimizer, history, first_loss, {}, rundir.architecture(config))
+        try:
+            rundir.save_checkpoint(run_dir, state)
+            rundir.write_metrics(run_dir, history)
+            rundir.plot_curves(run_dir, history, title)
+        except OSError as exc:
+            raise OSError(f"{exc}; the run is intact up to its last saved epoch: continue it with "
+                          f"`bnlab train --out {run_dir} --resume`") from None
         log(format_epoch(history[-1], config.epochs))
 
     return record
@@ -371,18 +376,21 @@ def _train_single(config, resume, dataset, progress, log, stop_after) -> RunResu
     run_dir = Path(config.out) if config.out else rundir.default_run_dir(config)
 
     with rundir.run_lock(run_dir):
+        # Everything that can refuse the run comes before the first write into its directory.
         rundir.check_run_dir(run_dir, config, resume)
+        state = rundir.resumable_state(run_dir, config, log, map_location=device) if resume else None
         if dataset is None:
             dataset = data_mod.load(config.data_dir, download=config.download)
         dataset = dataset.subset(config.train_subset, config.test_subset, seed=config.seed)
-        rundir.save_config(run_dir, config, device, dataset.root)
 
         torch.manual_seed(config.seed)
         net, optimizer = build(config, device)
         history: list[EpochMetrics] = []
         first_loss: Optional[float] = None
-        if resume and (run_dir / "checkpoint.pt").exists():
-            history, first_loss = rundir.restore(rundir.load_checkpoint(run_dir, map_location=device), net, optimizer)
+        if state is not None:
+            history, first_loss = rundir.restore(state, net, optimizer, run_dir / "checkpoint.pt")
+        rundir.save_config(run_dir, config, device, dataset.root)
+        if state is not None:
             log(f"resuming {run_dir} after epoch {len(history)}")
         loop = Loop(trained_form(net, config.compile), optimizer, dataset, device, config.batch_size, config.seed,
                     config.lr, config.epochs, module=net, progress=progress)
@@ -408,7 +416,7 @@ def apply_precise_stats(result: RunResult, dataset, log: Callable[[str], None] =
     dataset = dataset.subset(config.train_subset, config.test_subset, seed=config.seed)
     state = rundir.load_checkpoint(run_dir, map_location=device)
     net, _ = build(config, device)
-    net.load_state_dict(state["model"])
+    rundir.load_weights(net, state["model"], run_dir / "checkpoint.pt")
     batches = data_mod.batches(dataset.train_images, dataset.train_labels, config.batch_size, shuffle=False, device=device)
     recompute_stats(net, (x for x, _ in batches))
     test_loss, test_acc = evaluate(net, dataset.test_images, dataset.test_labels, device)
@@ -478,7 +486,7 @@ def _broadcast_from_rank0(obj):
     return box[0]
 
 
-def _prepare_run_dir_on_rank0(config, resume, dataset, device, held: ExitStack) -> dict:
+def _prepare_run_dir_on_rank0(config, resume, dataset, device, held: ExitStack, log) -> dict:
     """Rank 0 checks, locks and prepares the run directory; every process learns the outcome
     ({"run_dir", "state"}), so that a refusal stops them all alike instead of leaving the others
     waiting in a collective."""
@@ -488,11 +496,15 @@ def _prepare_run_dir_on_rank0(config, resume, dataset, device, held: ExitStack) 
         try:
             run_dir = Path(config.out) if config.out else rundir.default_run_dir(config)
             held.enter_context(rundir.run_lock(run_dir))
+            # Everything that can refuse the run comes before the first write into its directory.
             rundir.check_run_dir(run_dir, config, resume)
+            state = rundir.resumable_state(run_dir, config, log) if resume else None
+            if state is not None:
+                with torch.random.fork_rng(devices=[]):
+                    rundir.restore(state, *build(config, torch.device("cpu")), run_dir / "checkpoint.pt")
             if dataset is None:
                 dataset = data_mod.load(config.data_dir, download=config.download)
             rundir.save_config(run_dir, config, device, dataset.root)
-            state = rundir.load_checkpoint(run_dir) if resume and (run_dir / "checkpoint.pt").exists() else None
             outcome = {"run_dir": run_dir, "state": state}
         except Exception as exc:  # noqa: BLE001 - re-raised below, in every process
             failure, outcome = exc, {"error": str(exc)}
@@ -518,7 +530,7 @@ def _train_rank(config, resume, dataset, progress, log, stop_after) -> tuple[Pat
     device = _rank_device(config, local_rank)
     writer = rank == 0
     with ExitStack() as held:
-        outcome = _prepare_run_dir_on_rank0(config, resume, dataset, device, held)
+        outcome = _prepare_run_dir_on_rank0(config, resume, dataset, device, held, log)
         run_dir = outcome["run_dir"]
         if dataset is None:
             dataset = data_mod.load(config.data_dir, download=config.download)
@@ -530,7 +542,7 @@ def _train_rank(config, resume, dataset, progress, log, stop_after) -> tuple[Pat
         history: list[EpochMetrics] = []
         first_loss: Optional[float] = None
         if outcome["state"] is not None:
-            history, first_loss = rundir.restore(outcome["state"], net, optimizer)
+            history, first_loss = rundir.restore(outcome["state"], net, optimizer, run_dir / "checkpoint.pt")
             if writer:
                 log(f"resuming {run_dir} after epoch {len(history)}")
         # SyncBatchNorm leaves identical running statistics in every process: no buffer broadcast per step.
