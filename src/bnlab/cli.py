@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -502,7 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # A notice for the user (a cache rebuilt, a fallback taken), not a pointer into bnlab's source.
+    return f"bnlab: notice: {message}\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
