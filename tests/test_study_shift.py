@@ -93,6 +93,17 @@ def test_quick_study_measures_every_condition_and_method(quick):
         adaptable = not entry["params"]["train"]["model_options"]
         expected = {"none", "adabn", "batch-stats@8", "tent@8", "batch-stats@128", "tent@128"} if adaptable else {"none"}
         assert all(set(row) == expected for row in accuracy.values())
+        assert all(0 <= value <= 1 for row in accuracy.values() for value in row.values())
+
+
+def test_quick_study_adapting_bn_recovers_from_a_global_shift(quick):
+    # Brightness and contrast move every BN input's statistics; the running ones no longer fit, the target's do.
+    _, results = quick
+    bn = next(e["result"]["accuracy"] for e in results if not e["params"]["train"]["model_options"])
+    for condition in ("brightness/3", "contrast/3"):
+        row = bn[condition]
+        assert row["adabn"] > row["none"] + 0.1, (condition, row)
+        assert row["batch-stats@128"] > row["none"] + 0.1, (condition, row)
 
 
 def test_quick_report_quotes_the_measured_numbers(quick):
