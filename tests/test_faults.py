@@ -663,3 +663,21 @@ def test_library_refuses_bad_seed_and_device():
 def test_one_epoch_is_not_one_epochs(runs, capsys):
     code, out, _ = run_cli(["inspect", runs / "run"], capsys)
     assert code == 0 and ", 1 epoch," in out
+
+
+def test_a_notice_is_one_line_and_other_warnings_keep_their_form():
+    """A cache rebuilt or a fallback taken is said on one line, not as a warning pointing into bnlab's source
+    (the kernel cache's own tests check the notice end to end, in a subprocess)."""
+    import warnings
+
+    from bnlab import cli
+
+    format = cli._one_line_warnings(warnings.formatwarning)
+    notice = format(RuntimeWarning("bnlab: the cached kernel library K is damaged; rebuilding it"), RuntimeWarning,
+                    "kernels.py", 293)
+    assert notice == "bnlab: notice: the cached kernel library K is damaged; rebuilding it\n"
+    other = format(DeprecationWarning("a warning of someone else's"), DeprecationWarning, "x.py", 5, "")
+    assert other == warnings.formatwarning(DeprecationWarning("a warning of someone else's"), DeprecationWarning,
+                                           "x.py", 5, "")
+    before = warnings.formatwarning
+    assert cli.main(["kernels"]) == 0 and warnings.formatwarning is before  # restored for main()'s caller

@@ -503,16 +503,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    # A notice for the user (a cache rebuilt, a fallback taken), not a pointer into bnlab's source.
-    return f"bnlab: notice: {message}\n"
+def _one_line_warnings(default_format):
+    """warnings.formatwarning for the CLI: bnlab's own notices (a cache rebuilt, a fallback taken) as the
+    one line they are written as, not a pointer into bnlab's source; other warnings as usual."""
+
+    def format(message, category, filename, lineno, line=None) -> str:
+        text = str(message)
+        if text.startswith("bnlab: "):
+            return f"bnlab: notice: {text.removeprefix('bnlab: ')}\n"
+        return default_format(message, category, filename, lineno, line)
+
+    return format
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    default_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warnings(default_format)
     try:
         return func(args)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
@@ -524,6 +533,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("bnlab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = default_format
 
 
 if __name__ == "__main__":
