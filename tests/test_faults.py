@@ -681,3 +681,23 @@ def test_a_notice_is_one_line_and_other_warnings_keep_their_form():
                                            "x.py", 5, "")
     before = warnings.formatwarning
     assert cli.main(["kernels"]) == 0 and warnings.formatwarning is before  # restored for main()'s caller
+
+
+def tiny_net() -> torch.nn.Module:
+    """A factory for `bnlab doctor --model`."""
+    return torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.BatchNorm1d(3))
+
+
+@pytest.mark.parametrize("fault", [truncated, zero_length, random_bytes, flipped, foreign_file, missing, directory],
+                         ids=lambda f: f.__name__)
+def test_damaged_weights_for_doctor(fault, tmp_path, capsys):
+    """`bnlab doctor --weights FILE` reads a user's file: the same untrusted loader as checkpoints."""
+    weights, foreign = tmp_path / "weights.pt", tmp_path / "foreign.pt"
+    torch.save(tiny_net().state_dict(), weights)
+    torch.save({"0.weight": torch.ones(5, 5)}, foreign)  # a valid state dict of another model
+    fault(weights, foreign)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(["doctor", "--model", f"{__name__}:tiny_net", "--weights", weights], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert str(weights) in err, err
+    assert_unchanged(before, snapshot(tmp_path))
