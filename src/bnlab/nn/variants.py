@@ -198,10 +198,17 @@ class FrozenBatchNorm(RankFamily, Module):
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features, **factory))
-        self.register_buffer("bias", torch.zeros(num_features, **factory))
-        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, torch.empty(num_features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The identity transform: weight and running variance 1, bias and running mean 0. As torch's
+        layers do, this re-initializes a layer built on the meta device after `to_empty`, whose buffers
+        would otherwise hold whatever the memory held."""
+        with torch.no_grad():
+            for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+                getattr(self, name).fill_(value)
 
     @classmethod
     def from_batch_norm(cls, bn: Module) -> "FrozenBatchNorm":
