@@ -243,17 +243,13 @@ def check_metrics(run_dir: Path, history: list[EpochMetrics], log: Callable[[str
     different metrics.csv is rewritten from it, with a notice."""
     path = Path(run_dir) / "metrics.csv"
     try:
-        if _rows(read_metrics(run_dir)) == _rows(history):
+        if [_row(m) for m in read_metrics(run_dir)] == [_row(m) for m in history]:
             return
         problem = "differs from the checkpoint's history"
     except ValueError:
         problem = "is damaged" if os.path.lexists(path) else "is missing"
     write_metrics(run_dir, history)
     log(f"notice: {path} {problem}; rewritten from the checkpoint's history ({len(history)} epochs)")
-
-
-def _rows(history: list[EpochMetrics]) -> list[list[str]]:
-    return [_row(m)[:-1] for m in history]  # examples/s aside: it is rounded differently by hand edits
 
 
 def plot_curves(run_dir: Path, history: list[EpochMetrics], title: str) -> None:
