@@ -187,9 +187,9 @@ def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
     settings and regular files for a resume."""
     if resume:
         _check_resumable(run_dir, config)
-    elif artifacts(run_dir):
-        raise ValueError(f"{run_dir} already holds a run ({', '.join(artifacts(run_dir))}); continue it with "
-                         "--resume or choose another --out")
+    elif present := artifacts(run_dir):
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(present)}); continue it with --resume or "
+                         "choose another --out")
 
 
 def _check_resumable(run_dir: Path, config: TrainConfig) -> None:
