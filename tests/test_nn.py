@@ -1,9 +1,11 @@
 """Layer behaviour against torch: momentum=None, train/eval, track_running_stats, state dicts, dtype
-moves, the chapter's BatchNorm, the lazy layers, convert(), and convert_momentum."""
+moves, the chapter's BatchNorm, the lazy layers, convert(), convert_momentum, and every layer's constructor
+signature."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 
 import pytest
@@ -425,3 +427,62 @@ def test_convert_momentum_rejects_bad_input(args, fragments):
         convert_momentum(*args)
     for f in fragments:
         assert f in str(info.value)
+
+
+# The constructor signature of every public layer class in bnlab.nn: (name, kind, default), recorded from
+# the explicit signatures before the layers that only add options took batch norm's arguments through
+# (BatchNormBase.__init_subclass__ now builds theirs); help() and inspect.signature must not change.
+_REQUIRED = inspect.Parameter.empty
+_POS, _KW = "POSITIONAL_OR_KEYWORD", "KEYWORD_ONLY"
+_BN_AFTER_C = [("eps", _POS, 1e-5), ("momentum", _POS, 0.1), ("affine", _POS, True),
+               ("track_running_stats", _POS, True), ("device", _POS, None), ("dtype", _POS, None),
+               ("bias", _KW, True)]
+_BN = [("num_features", _POS, _REQUIRED), *_BN_AFTER_C]
+_INSTANCE = [("num_features", _POS, _REQUIRED), ("eps", _POS, 1e-5), ("momentum", _POS, 0.1),
+             ("affine", _POS, False), ("track_running_stats", _POS, False), ("device", _POS, None),
+             ("dtype", _POS, None), ("bias", _KW, True)]
+_FROZEN = [("num_features", _POS, _REQUIRED), ("eps", _POS, 1e-5), ("device", _POS, None), ("dtype", _POS, None)]
+_RENORM = [*_BN, ("r_max", _KW, 3.0), ("d_max", _KW, 5.0), ("warmup_steps", _KW, 5000),
+           ("r_max_steps", _KW, 40000), ("d_max_steps", _KW, 25000)]
+SIGNATURES = {
+    "BatchNormBase": _BN, "BatchNorm1d": _BN, "BatchNorm2d": _BN, "BatchNorm3d": _BN,
+    "BatchNorm": [("num_features", _POS, _REQUIRED), ("num_dims", _POS, None), ("args", "VAR_POSITIONAL", _REQUIRED),
+                  ("kwargs", "VAR_KEYWORD", _REQUIRED)],
+    "LazyBatchNorm1d": _BN_AFTER_C, "LazyBatchNorm2d": _BN_AFTER_C, "LazyBatchNorm3d": _BN_AFTER_C,
+    "SyncBatchNorm": [*_BN[:5], ("process_group", _POS, None), *_BN[5:]],
+    "LayerNorm": [("normalized_shape", _POS, _REQUIRED), ("eps", _POS, 1e-5), ("elementwise_affine", _POS, True),
+                  ("bias", _POS, True), ("device", _POS, None), ("dtype", _POS, None)],
+    "GroupNorm": [("num_groups", _POS, _REQUIRED), ("num_channels", _POS, _REQUIRED), ("eps", _POS, 1e-5),
+                  ("affine", _POS, True), ("device", _POS, None), ("dtype", _POS, None), ("bias", _KW, True)],
+    "InstanceNorm1d": _INSTANCE, "InstanceNorm2d": _INSTANCE, "InstanceNorm3d": _INSTANCE,
+    "MeanOnlyBatchNorm1d": _BN, "MeanOnlyBatchNorm2d": _BN,
+    "VarianceOnlyBatchNorm1d": _BN, "VarianceOnlyBatchNorm2d": _BN,
+    "FrozenBatchNorm": _FROZEN, "FrozenBatchNorm1d": _FROZEN, "FrozenBatchNorm2d": _FROZEN,
+    "FrozenBatchNorm3d": _FROZEN,
+    "BatchRenorm1d": _RENORM, "BatchRenorm2d": _RENORM,
+    "GhostBatchNorm1d": [*_BN, ("ghost_batch_size", _KW, 32)],
+    "GhostBatchNorm2d": [*_BN, ("ghost_batch_size", _KW, 32)],
+    "DecorrelatedBatchNorm2d": [*_BN, ("group_size", _KW, 16)],
+    "IterNorm2d": [*_BN, ("group_size", _KW, 64), ("iterations", _KW, 5)],
+    "PITNorm1d": [*_BN, ("num_quantiles", _KW, 64)], "PITNorm2d": [*_BN, ("num_quantiles", _KW, 64)],
+}
+
+
+def test_the_signature_table_covers_every_public_layer():
+    layers = {name for name in bnn.__all__ if isinstance(getattr(bnn, name), type)
+              and issubclass(getattr(bnn, name), torch.nn.Module)}
+    assert layers == set(SIGNATURES)
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_layer_signature_lists_every_argument_with_its_default(name):
+    params = inspect.signature(getattr(bnn, name)).parameters.values()
+    assert [(p.name, p.kind.name, p.default) for p in params] == SIGNATURES[name]
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_layer_rejects_an_unknown_keyword_argument(name):
+    required = [4 for n, kind, default in SIGNATURES[name] if kind == _POS and default is _REQUIRED]
+    getattr(bnn, name)(*required)  # the required arguments alone build it
+    with pytest.raises(TypeError, match="no_such_option"):
+        getattr(bnn, name)(*required, no_such_option=1)

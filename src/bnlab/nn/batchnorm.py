@@ -11,6 +11,7 @@ makes the running statistics a cumulative (equal-weight) average of every batch 
 
 from __future__ import annotations
 
+import inspect
 import string
 import types
 from contextlib import contextmanager
@@ -68,6 +69,18 @@ class BatchNormBase(Module):
     eval_is_batch_norm: bool = True
     # The subclass's own constructor options, shown after batch norm's in the repr, in this order.
     repr_options: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # A subclass that only adds options takes batch norm's arguments through, as
+        # ``__init__(self, num_features, *args, <keyword-only options>, **kwargs)``, rather than restating
+        # them; its signature is then batch norm's followed by its options, so inspect.signature and
+        # help() still show every argument and its default.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and _passes_batch_norm_arguments_through(init):
+            batch_norm = inspect.signature(BatchNormBase.__init__)
+            options = [p for p in inspect.signature(init).parameters.values() if p.kind is p.KEYWORD_ONLY]
+            init.__signature__ = batch_norm.replace(parameters=[*batch_norm.parameters.values(), *options])
 
     def __init__(
         self,
@@ -189,6 +202,27 @@ class BatchNormBase(Module):
         return F.batch_norm_checked(  # forward() ran check_input
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps
         )
+
+
+def _passes_batch_norm_arguments_through(init) -> bool:
+    """Whether `init` is ``(self, [num_features,] *args, <keyword-only options>, **kwargs)``."""
+    params = list(inspect.signature(init).parameters.values())[1:]  # after self
+    if params and params[0].name == "num_features":
+        params = params[1:]
+    kinds = [p.kind for p in params]
+    return (
+        kinds[:1] == [inspect.Parameter.VAR_POSITIONAL] and kinds[-1:] == [inspect.Parameter.VAR_KEYWORD]
+        and all(kind is inspect.Parameter.KEYWORD_ONLY for kind in kinds[1:-1])
+    )
+
+
+def batch_norm_arguments(*args, **kwargs) -> dict:
+    """BatchNormBase's constructor arguments by name, defaults filled in: for a subclass that takes them
+    through (see `BatchNormBase.__init_subclass__`) but needs one itself before or besides batch norm.
+    A TypeError for arguments batch norm does not take, as the constructor's own call would raise."""
+    bound = inspect.signature(BatchNormBase).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
 
 
 def cumulative_factor(num_batches_tracked: Tensor, input: Tensor):

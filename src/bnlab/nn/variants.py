@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from bnlab import functional as F
-from bnlab.nn.batchnorm import BatchNormBase, RankFamily, document
+from bnlab.nn.batchnorm import BatchNormBase, RankFamily, batch_norm_arguments, document
 from bnlab.nn.norms import InstanceNormBase
 
 __all__ = [
@@ -328,21 +328,16 @@ class _BatchRenorm(RankFamily, BatchNormBase):
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
+        *args,
         r_max: float = 3.0,
         d_max: float = 5.0,
         warmup_steps: int = 5000,
         r_max_steps: int = 40000,
         d_max_steps: int = 25000,
+        **kwargs,
     ) -> None:
-        if not track_running_stats:
+        arguments = batch_norm_arguments(num_features, *args, **kwargs)
+        if not arguments["track_running_stats"]:
             raise ValueError(
                 f"{type(self).__name__} corrects the batch statistics towards the running ones, so it needs "
                 "track_running_stats=True; without running statistics use BatchNorm"
@@ -355,7 +350,7 @@ class _BatchRenorm(RankFamily, BatchNormBase):
                     f"need 0 <= warmup_steps <= {name} (the step where the bound is fully relaxed), got "
                     f"warmup_steps={warmup_steps}, {name}={end}"
                 )
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(**arguments)
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps, self.r_max_steps, self.d_max_steps = warmup_steps, r_max_steps, d_max_steps
 
@@ -461,25 +456,13 @@ class _GhostBatchNorm(RankFamily, BatchNormBase):
     family = "GhostBatchNorm"
     repr_options = ("ghost_batch_size",)
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        ghost_batch_size: int = 32,
-    ) -> None:
+    def __init__(self, num_features: int, *args, ghost_batch_size: int = 32, **kwargs) -> None:
         if not isinstance(ghost_batch_size, int) or ghost_batch_size < 2:
             raise ValueError(
                 f"ghost_batch_size must be an int >= 2 (a ghost batch of one sample has no variance), got "
                 f"{ghost_batch_size!r}"
             )
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(num_features, *args, **kwargs)
         self.ghost_batch_size = ghost_batch_size
 
     def normalize(self, input, running_mean, running_var, use_batch_stats, momentum):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab.nn.batchnorm import BatchNormBase, RankFamily, document
+from bnlab.nn.batchnorm import BatchNormBase, RankFamily, batch_norm_arguments, document
 
 __all__ = ["DecorrelatedBatchNorm2d", "IterNorm2d", "PITNorm1d", "PITNorm2d"]
 
@@ -29,9 +29,10 @@ class _OwnRunningStats(BatchNormBase):
 
     eval_is_batch_norm = False
 
-    def __init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, bias) -> None:
+    def __init__(self, *, track_running_stats: bool, **arguments) -> None:
+        """`arguments`: batch norm's others, by name (`batch_norm_arguments`)."""
         # Built without batch norm's running buffers; ours come once the subclass's configuration is set.
-        super().__init__(num_features, eps, momentum, affine, False, device, dtype, bias=bias)
+        super().__init__(track_running_stats=False, **arguments)
         self.track_running_stats = track_running_stats
 
     def initial_running_stats(self, device=None, dtype=None) -> dict[str, Tensor]:
@@ -72,11 +73,11 @@ class GroupWhitening(RankFamily, _OwnRunningStats):
     input_dims = (4,)
     repr_options = ("group_size",)
 
-    def __init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
-                 group_size) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias)
+    def __init__(self, num_features: int, *args, group_size: int, **kwargs) -> None:
+        arguments = batch_norm_arguments(num_features, *args, **kwargs)
+        super().__init__(**arguments)
         self.group_size = _checked_group_size(num_features, group_size, type(self).__name__)
-        self._install_running_stats(device, dtype)
+        self._install_running_stats(arguments["device"], arguments["dtype"])
 
     def initial_running_stats(self, device=None, dtype=None) -> dict[str, Tensor]:
         groups = self.num_features // self.group_size
@@ -165,20 +166,8 @@ class DecorrelatedBatchNorm2d(GroupWhitening):
 
     family = "DecorrelatedBatchNorm"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        group_size: int = 16,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias, group_size)
+    def __init__(self, num_features: int, *args, group_size: int = 16, **kwargs) -> None:
+        super().__init__(num_features, *args, group_size=group_size, **kwargs)
 
     def whitening_matrix(self, covariance: Tensor) -> Tensor:
         return F.zca_whitening_matrix(covariance)
@@ -241,23 +230,10 @@ class IterNorm2d(GroupWhitening):
     family = "IterNorm"
     repr_options = ("group_size", "iterations")
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        group_size: int = 64,
-        iterations: int = 5,
-    ) -> None:
+    def __init__(self, num_features: int, *args, group_size: int = 64, iterations: int = 5, **kwargs) -> None:
         if not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive int (T, the Newton-Schulz steps), got {iterations!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias, group_size)
+        super().__init__(num_features, *args, group_size=group_size, **kwargs)
         self.iterations = iterations
 
     def whitening_matrix(self, covariance: Tensor) -> Tensor:
@@ -282,23 +258,12 @@ class _PITNorm(RankFamily, _OwnRunningStats):
     family = "PITNorm"
     repr_options = ("num_quantiles",)
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        num_quantiles: int = 64,
-    ) -> None:
+    def __init__(self, num_features: int, *args, num_quantiles: int = 64, **kwargs) -> None:
+        arguments = batch_norm_arguments(num_features, *args, **kwargs)
         F.gaussian_levels(num_quantiles)  # validates it
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias)
+        super().__init__(**arguments)
         self.num_quantiles = num_quantiles
-        self._install_running_stats(device, dtype)
+        self._install_running_stats(arguments["device"], arguments["dtype"])
 
     def initial_running_stats(self, device=None, dtype=None) -> dict[str, Tensor]:
         c = self.num_features
