@@ -204,7 +204,7 @@ class KernelLibrary:
     - `batch_norm` (torch.ops.bnlab.batch_norm, with torch's signature): the eager operator, its
       autograd node in C++ and the running statistics updated in place by the kernel;
     - `batch_norm_forward` / `batch_norm_backward`: the same kernels as pure functions, for graphs
-      (torch.compile, torch.export), with fake kernels and autograd registered here on load.
+      (torch.compile, torch.export), with their autograd in C++ and fake kernels registered here on load.
     """
 
     def __init__(self, path: Path):
@@ -221,15 +221,15 @@ _graph_operators_registered = False
 
 
 def _register_graph_operators() -> None:
-    """Fake kernels and autograd for the functional operators: what torch.compile and torch.export need
-    to trace them without data (shapes only) and to differentiate them (torch's custom-operator
-    contract, which `torch.library.opcheck` tests). Once per process."""
+    """Fake kernels for the functional operators: what torch.compile and torch.export need to trace them
+    without data (shapes only). Their autograd is registered in C++ (csrc/batch_norm.cpp,
+    ForwardFunction), where it costs no Python call per step; `torch.library.opcheck` tests the whole
+    contract. Once per process."""
     global _graph_operators_registered
     if _graph_operators_registered:
         return
     torch.library.register_fake("bnlab::batch_norm_forward")(_forward_fake)
     torch.library.register_fake("bnlab::batch_norm_backward")(_backward_fake)
-    torch.library.register_autograd("bnlab::batch_norm_forward", _forward_backward, setup_context=_forward_setup)
     _graph_operators_registered = True
 
 
@@ -243,27 +243,6 @@ def _backward_fake(grad, input, weight, stats, training, input_grad):
     channels = input.shape[1]
     dx = torch.empty_like(input) if input_grad else input.new_empty((0,))
     return dx, input.new_empty((channels,)), input.new_empty((channels,))
-
-
-def _forward_setup(ctx, inputs, output):
-    input, weight, _, _, _, training, eps = inputs
-    ctx.save_for_backward(input, weight, output[1])
-    ctx.training, ctx.eps = training, eps
-
-
-def _forward_backward(ctx, grad_y, grad_stats):
-    """Gradients of (input, weight, bias); the statistics only feed the no-grad running update, so
-    their gradient is ignored. With grad mode on (double backward) the formula runs in tensor ops that
-    autograd differentiates again; otherwise the kernels run it."""
-    from bnlab.functional.batch_norm import backward_torch  # which imports this module
-
-    input, weight, stats = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():
-        grads = backward_torch(input, grad_y, weight, stats[0], stats[1], ctx.training, ctx.eps, needs)
-    else:
-        grads = torch.ops.bnlab.batch_norm_backward(grad_y, input, weight, stats, ctx.training, needs[0])
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
 @dataclass

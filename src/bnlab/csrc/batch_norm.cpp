@@ -622,33 +622,44 @@ variable_list differentiable_backward(const Tensor& x, const Tensor& dy, const T
   return {dx, needs[1] ? sum_dy_xhat : Tensor(), needs[2] ? sum_dy : Tensor()};
 }
 
+// What both autograd functions keep for backward: the input, the weight, the (mean, inverse std) stats,
+// the mode and eps, and which of weight and bias were passed.
+void save_for_backward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
+                       const std::optional<Tensor>& bias, const Tensor& stats, bool training, double eps) {
+  ctx->save_for_backward({input, weight.value_or(Tensor()), stats});
+  ctx->saved_data["training"] = training;
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+}
+
+struct Saved {
+  variable_list tensors;  // input, weight (undefined when absent), stats
+  bool training;
+  std::array<bool, 3> needs;  // which of (input, weight, bias) need a gradient
+};
+
+// needs_input_grad counts autograd edges, and only a tensor that is present has one: an absent weight
+// shifts the bias to edge 1.
+Saved restore(AutogradContext* ctx) {
+  const bool present[3] = {true, ctx->saved_data["has_weight"].toBool(), ctx->saved_data["has_bias"].toBool()};
+  Saved saved{ctx->get_saved_variables(), ctx->saved_data["training"].toBool(), {}};
+  for (size_t i = 0, edge = 0; i < 3; ++i) saved.needs[i] = present[i] && ctx->needs_input_grad(edge++);
+  return saved;
+}
+
 struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
                         const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
                         const std::optional<Tensor>& running_var, bool training, double momentum, double eps) {
     Tensor stats;
     Tensor y = forward_op(input, weight, bias, running_mean, running_var, training, momentum, eps, stats);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), stats});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    save_for_backward(ctx, input, weight, bias, stats, training, eps);
     return y;
   }
 
-  // Which of (input, weight, bias) need a gradient. needs_input_grad counts autograd edges, and only a
-  // tensor that is present has one: an absent weight shifts the bias to edge 1.
-  static std::array<bool, 3> needs(AutogradContext* ctx) {
-    const bool present[3] = {true, ctx->saved_data["has_weight"].toBool(), ctx->saved_data["has_bias"].toBool()};
-    std::array<bool, 3> result{};
-    for (size_t i = 0, edge = 0; i < 3; ++i) result[i] = present[i] && ctx->needs_input_grad(edge++);
-    return result;
-  }
-
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const bool training = ctx->saved_data["training"].toBool();
-    const std::array<bool, 3> needs = BatchNormFunction::needs(ctx);
+    const auto [saved, training, needs] = restore(ctx);
     variable_list g = at::GradMode::is_enabled()
                           ? differentiable_backward(saved[0], grads[0], saved[1], saved[2], training,
                                                     ctx->saved_data["eps"].toDouble(), needs)
@@ -664,9 +675,9 @@ Tensor batch_norm(const Tensor& input, const std::optional<Tensor>& weight, cons
 }
 
 // ---- the functional operators, for graphs (torch.compile, torch.export) -------------------------------
-// Pure functions of their inputs, no autograd inside: bnlab/kernels.py registers their fake kernels
-// (shapes without data) and their autograd formula (forward then batch_norm_backward), as torch's
-// custom-operator contract asks. The running statistics are not touched: forward returns the batch's
+// Pure functions of their inputs: bnlab/kernels.py registers their fake kernels (shapes without data),
+// and ForwardFunction below is batch_norm_forward's autograd (forward, then batch_norm_backward), as
+// torch's custom-operator contract asks. The running statistics are not touched: forward returns the batch's
 // mean and unbiased variance in `stats`, and the caller updates them with tensor ops the graph sees.
 
 std::tuple<Tensor, Tensor> batch_norm_forward(const Tensor& input, const std::optional<Tensor>& weight,
@@ -690,6 +701,66 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad, const
   return {input_grad ? g[0] : at::empty({0}, input.options()), g[1], g[2]};
 }
 
+// The functional forward's autograd, in C++ for the reason the eager operator's is: a compiled graph
+// calls the operator on every step, and the kernel torch.library.register_autograd installs runs in
+// Python, about 10 us a call. The forward calls the operator again below autograd, through the
+// dispatcher, so that a tracer (torch.compile's fake tensors, torch.export) records it; so does the
+// backward, with batch_norm_backward, unless grad mode asks for a differentiable (double) backward.
+struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
+                               const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+                               const std::optional<Tensor>& running_var, bool training, double eps) {
+    auto [y, stats] = below_autograd(input, weight, bias, running_mean, running_var, training, eps);
+    ctx->mark_non_differentiable({stats});
+    save_for_backward(ctx, input, weight, bias, stats, training, eps);
+    return {y, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto [saved, training, needs] = restore(ctx);
+    variable_list g;
+    if (at::GradMode::is_enabled()) {
+      g = differentiable_backward(saved[0], grads[0], saved[1], saved[2], training,
+                                  ctx->saved_data["eps"].toDouble(), needs);
+    } else {
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("bnlab::batch_norm_backward", "")
+                                 .typed<decltype(batch_norm_backward)>();
+      const std::optional<Tensor> weight = saved[1].defined() ? std::optional<Tensor>(saved[1]) : std::nullopt;
+      auto [dx, dw, db] = op.call(grads[0], saved[0], weight, saved[2], training, needs[0]);
+      g = {needs[0] ? dx : Tensor(), needs[1] ? dw : Tensor(), needs[2] ? db : Tensor()};
+    }
+    return {g[0], g[1], g[2], Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+
+  static std::tuple<Tensor, Tensor> below_autograd(const Tensor& input, const std::optional<Tensor>& weight,
+                                                   const std::optional<Tensor>& bias,
+                                                   const std::optional<Tensor>& running_mean,
+                                                   const std::optional<Tensor>& running_var, bool training,
+                                                   double eps) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bnlab::batch_norm_forward", "")
+                               .typed<decltype(batch_norm_forward)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, weight, bias, running_mean, running_var, training, eps);
+  }
+};
+
+bool requires_grad(const std::optional<Tensor>& t) { return t && t->defined() && t->requires_grad(); }
+
+std::tuple<Tensor, Tensor> batch_norm_forward_autograd(const Tensor& input, const std::optional<Tensor>& weight,
+                                                       const std::optional<Tensor>& bias,
+                                                       const std::optional<Tensor>& running_mean,
+                                                       const std::optional<Tensor>& running_var, bool training,
+                                                       double eps) {
+  // Inside a compiled graph's forward grad mode is off: skip building an autograd node.
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    return ForwardFunction::below_autograd(input, weight, bias, running_mean, running_var, training, eps);
+  }
+  variable_list out = ForwardFunction::apply(input, weight, bias, running_mean, running_var, training, eps);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnlab, m) {
@@ -711,3 +782,5 @@ TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
   m.impl("batch_norm_forward", batch_norm_forward);
   m.impl("batch_norm_backward", batch_norm_backward);
 }
+
+TORCH_LIBRARY_IMPL(bnlab, Autograd, m) { m.impl("batch_norm_forward", batch_norm_forward_autograd); }
