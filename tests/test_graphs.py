@@ -6,7 +6,10 @@ layer where torch has one and with eager bnlab otherwise:
 
 - compile: ``torch.compile(layer, fullgraph=True)`` with the aot_eager backend: Dynamo, fake tensors,
   functionalization and AOTAutograd, everything but inductor's code generation (the expensive part on
-  two cores, exercised by the ``inductor`` rows and the BN-LeNet training test);
+  two cores, exercised by the ``inductor`` rows and the BN-LeNet training test). The table's inputs
+  are small, so training batch norm is handed to torch's own op there, as it is for any input below
+  ``INDUCTOR_FUSES_BELOW`` elements; compile-own-ops runs the same case with the hand-over off: the
+  kernels' operator, or plain tensor ops under ``BNLAB_KERNELS=torch``;
 - export: ``torch.export.export(layer, (x,)).module()``;
 - onnx (eval): ``torch.onnx.export`` then onnxruntime;
 - grad: ``torch.func.grad`` through ``functional_call`` (train mode without running statistics);
@@ -18,7 +21,9 @@ A case that cannot work is not skipped: it is in `LIMITATIONS`, and a test pins 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import io
 import pickle
 import warnings
@@ -96,7 +101,7 @@ LIMITATIONS = {
     ),
 }
 
-MODES = ("compile", "export", "onnx", "grad", "vmap")
+MODES = ("compile", "compile-own-ops", "export", "onnx", "grad", "vmap")
 EVAL_ONLY = {"onnx", "vmap"}
 
 
@@ -159,6 +164,24 @@ def _run_compile(ours, reference, shape, training, tol=TOL):
     _compare_steps(compiled, ours, reference, shape, steps=2, tol=tol)
 
 
+@contextlib.contextmanager
+def _own_graph_ops():
+    """Compile bnlab's own graph forms at every input size: no hand-over of small training inputs to
+    torch's batch norm (see `bnlab.functional.batch_norm._batch_norm_in_graph`)."""
+    module = importlib.import_module("bnlab.functional.batch_norm")
+    threshold = module.INDUCTOR_FUSES_BELOW
+    module.INDUCTOR_FUSES_BELOW = 0
+    try:
+        yield
+    finally:
+        module.INDUCTOR_FUSES_BELOW = threshold
+
+
+def _run_compile_own_ops(ours, reference, shape, training, tol=TOL):
+    with _own_graph_ops():
+        _run_compile(ours, reference, shape, training, tol)
+
+
 def _run_export(ours, reference, shape, training):
     program = torch.export.export(ours, (_input(shape, 7),))
     module = program.module()
@@ -206,7 +229,7 @@ def _run_vmap(ours, reference, shape, training):
     torch.testing.assert_close(torch.func.vmap(ours)(xs), expected, **TOL)
 
 
-RUNNERS = {"compile": _run_compile, "export": _run_export, "onnx": _run_onnx, "grad": _run_grad, "vmap": _run_vmap}
+RUNNERS = {"compile": _run_compile, "compile-own-ops": _run_compile_own_ops, "export": _run_export, "onnx": _run_onnx, "grad": _run_grad, "vmap": _run_vmap}
 
 
 @pytest.mark.parametrize("name, mode, training", list(_cases()))
@@ -240,12 +263,15 @@ def test_onnx_export_writes_standard_batch_normalization():
 INDUCTOR_CASES = [("BatchNorm2d", True), ("BatchNorm2d-cumulative", True), ("BatchNorm1d", False)]
 
 
+@pytest.mark.parametrize("own_ops", [False, True], ids=["", "own-ops"])
 @pytest.mark.parametrize("name, training", INDUCTOR_CASES, ids=[f"{n}-{'train' if t else 'eval'}" for n, t in INDUCTOR_CASES])
-def test_layer_under_inductor(name, training, backend):
-    """torch.compile's default backend, code generation included, on the batch-norm rows."""
+def test_layer_under_inductor(name, training, own_ops, backend):
+    """torch.compile's default backend, code generation included, on the batch-norm rows; with and
+    without the hand-over of small training inputs to torch's op."""
     ours, reference = _pair(name, training)
     torch._dynamo.reset()
-    _compare_steps(torch.compile(ours), ours, reference, LAYERS[name].shape, steps=2)
+    with _own_graph_ops() if own_ops else contextlib.nullcontext():
+        _compare_steps(torch.compile(ours), ours, reference, LAYERS[name].shape, steps=2)
 
 
 def _second_derivative(layer, x):
@@ -254,7 +280,8 @@ def _second_derivative(layer, x):
     return second
 
 
-def test_double_backward_through_compile(backend):
+@pytest.mark.parametrize("own_ops", [False, True], ids=["", "own-ops"])
+def test_double_backward_through_compile(own_ops, backend):
     """Dynamo's graph keeps autograd eager, so double backward works; AOTAutograd (the aot_eager and
     inductor backends) refuses double backward for every module, torch's batch norm included, and
     bnlab's raises the same error."""
@@ -262,12 +289,41 @@ def test_double_backward_through_compile(backend):
     x = _input(LAYERS["BatchNorm2d"].shape, 0)
     torch._dynamo.reset()
     expected = _second_derivative(reference, x.clone().requires_grad_())
-    compiled = torch.compile(ours, fullgraph=True, backend="eager")
-    torch.testing.assert_close(_second_derivative(compiled, x.clone().requires_grad_()), expected, **TOL)
-    for layer in (ours, reference):
-        torch._dynamo.reset()
-        with pytest.raises(RuntimeError, match="does not currently support double backward"):
-            _second_derivative(torch.compile(layer, backend="aot_eager"), x.clone().requires_grad_())
+    with _own_graph_ops() if own_ops else contextlib.nullcontext():
+        compiled = torch.compile(ours, fullgraph=True, backend="eager")
+        torch.testing.assert_close(_second_derivative(compiled, x.clone().requires_grad_()), expected, **TOL)
+        for layer in (ours, reference):
+            torch._dynamo.reset()
+            with pytest.raises(RuntimeError, match="does not currently support double backward"):
+                _second_derivative(torch.compile(layer, backend="aot_eager"), x.clone().requires_grad_())
+
+
+def _traced_operators(layer, x) -> list:
+    """The functions called in the graph Dynamo hands its backend for one training call of `layer`."""
+    seen = []
+
+    def record(gm, example_inputs):
+        seen.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(layer, fullgraph=True, backend=record)(x)
+    return seen
+
+
+@pytest.mark.parametrize("elements, own_ops", [(48, False), (48, True), (1 << 19, False)],
+                         ids=["small", "small-own-ops", "large"])
+def test_compile_hands_small_training_inputs_to_torch(elements, own_ops, backend):
+    """Below INDUCTOR_FUSES_BELOW elements a compiled training graph holds torch's batch norm, which
+    inductor fuses; from there up (or with the hand-over off) bnlab's own form: the kernels' operator,
+    or plain tensor ops under BNLAB_KERNELS=torch."""
+    x = torch.randn(elements // 4, 4)
+    with _own_graph_ops() if own_ops else contextlib.nullcontext():
+        operators = _traced_operators(bnlab.nn.BatchNorm1d(4), x)
+    handed_over = elements < (1 << 19) and not own_ops
+    assert (torch.nn.functional.batch_norm in operators) == handed_over, operators
+    kernels_operator = torch.ops.bnlab.batch_norm_forward in operators
+    assert kernels_operator == (not handed_over and backend == "compiled"), operators
 
 
 @pytest.mark.parametrize("transform", ["vjp", "jacrev", "jacfwd"])
@@ -380,23 +436,25 @@ def _model_pair(name, training):
     return ours.train(training), bnlab.nn.convert(copy.deepcopy(ours), to="torch").train(training)
 
 
-MODEL_CASES = [(mode, training) for mode in ("compile", "export", "onnx", "vmap") for training in (True, False)
-               if not (training and mode in EVAL_ONLY)]
+MODEL_CASES = [(mode, training) for mode in ("compile", "compile-own-ops", "export", "onnx", "vmap")
+               for training in (True, False) if not (training and mode in EVAL_ONLY)]
 
 
 @pytest.mark.parametrize("mode, training", MODEL_CASES, ids=[f"{m}-{'train' if t else 'eval'}" for m, t in MODEL_CASES])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_in_graph(name, mode, training, backend):
     ours, reference = _model_pair(name, training)
-    if mode == "compile":  # gradients of whole networks sum over more terms than one layer's
-        _run_compile(ours, reference, MODEL_INPUT, training, tol=dict(rtol=1e-3, atol=1e-4))
+    if mode.startswith("compile"):  # gradients of whole networks sum over more terms than one layer's
+        RUNNERS[mode](ours, reference, MODEL_INPUT, training, tol=dict(rtol=1e-3, atol=1e-4))
     else:
         RUNNERS[mode](ours, reference, MODEL_INPUT, training)
 
 
-def test_compiled_bn_lenet_trains_as_eager(backend):
+@pytest.mark.parametrize("own_ops", [False, True], ids=["", "own-ops"])
+def test_compiled_bn_lenet_trains_as_eager(own_ops, backend):
     """A whole BN-LeNet training step (forward, loss, backward, SGD) under torch.compile's default
-    backend ends five steps where eager bnlab does: losses, parameters and running statistics."""
+    backend ends five steps where eager bnlab does: losses, parameters and running statistics; with
+    and without the hand-over of small training inputs to torch's op."""
     torch.manual_seed(0)
     eager = build_model("bn-lenet")
     compiled = copy.deepcopy(eager)
@@ -418,8 +476,9 @@ def test_compiled_bn_lenet_trains_as_eager(backend):
         return step
 
     eager_step, compiled_step = step_fn(eager), step_fn(compiled)
-    for x, y in batches:
-        assert compiled_step(x, y) == pytest.approx(eager_step(x, y), rel=1e-4, abs=1e-5)
+    with _own_graph_ops() if own_ops else contextlib.nullcontext():
+        for x, y in batches:
+            assert compiled_step(x, y) == pytest.approx(eager_step(x, y), rel=1e-4, abs=1e-5)
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-4, atol=1e-4,
                                    msg=lambda m: f"{key}\n{m}")

@@ -152,26 +152,33 @@ def batch_norm_unchecked(input, running_mean, running_var, weight, bias, trainin
 
 
 def _batch_norm_in_graph(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
-    """The transform for a graph, in three forms by where it runs:
+    """The transform for a graph, in four forms by where it runs:
 
     - evaluation, and ONNX export: torch's ``F.batch_norm``. With the running statistics the transform
       is a per-channel affine map, which compilers fold into the neighbouring convolution and fuse
       with the activation; as torch's own operator it keeps an exported program loadable without
       bnlab, and the ONNX exporter writes it as ONNX's standard BatchNormalization;
+    - training under torch.compile on an input below `INDUCTOR_FUSES_BELOW` elements (with a float
+      momentum): torch's ``F.batch_norm`` too, which inductor fuses into one kernel each way. There an
+      opaque operator's fixed cost (a Python call from the compiled graph, argument parsing, its own
+      allocations) is more than the whole fused kernel, so bnlab's compiled layer is torch's graph;
     - training with compiled kernels that take the input (CPU, float32/float64), outside torch.func:
-      the functional operator ``bnlab::batch_norm_forward`` (fake kernel and autograd registered by
-      `bnlab.kernels`), an opaque node holding the hand-derived kernels and backward; the running
+      the functional operator ``bnlab::batch_norm_forward`` (fake kernel registered by `bnlab.kernels`,
+      autograd in C++), an opaque node holding the hand-derived kernels and backward; the running
       statistics are updated from the batch statistics it returns, with tensor ops the graph records;
-    - otherwise (torch.func, GPUs, half precision, BNLAB_KERNELS=torch): the forward in plain tensor
-      ops, which autograd (and, compiled, inductor) differentiates and fuses.
+    - otherwise (torch.func, GPUs, half precision, BNLAB_KERNELS=torch, a tensor momentum): the forward
+      in plain tensor ops, which autograd (and, compiled, inductor) differentiates and fuses.
 
     `momentum` may be a 0-dim tensor (the cumulative average's 1 / n under compile).
     """
     if not training or torch.onnx.is_in_onnx_export():
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
                                               momentum, eps)
-    if (kernels.available() and not torch._C._are_functorch_transforms_active()
-            and _compiled_supported(input, weight, bias, running_mean, running_var)):
+    plain_ops_only = torch._C._are_functorch_transforms_active()
+    if (input.numel() < INDUCTOR_FUSES_BELOW and not isinstance(momentum, Tensor) and not plain_ops_only
+            and torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+    if not plain_ops_only and kernels.available() and _compiled_supported(input, weight, bias, running_mean, running_var):
         if not (input.is_contiguous() or (input.dim() > 2 and input.movedim(1, -1).is_contiguous())):
             input = input.contiguous()  # the layouts the kernels read in place (the fake kernel assumes it)
         y, stats = torch.ops.bnlab.batch_norm_forward(input, weight, bias, None, None, True, eps)
@@ -185,6 +192,13 @@ def _batch_norm_in_graph(input, running_mean, running_var, weight, bias, trainin
     update_running(running_mean, mean, momentum)
     update_running(running_var, unbiased_var, momentum)
     return y
+
+
+# Below this many input elements torch.compile gets torch's training batch norm to fuse, not the
+# kernels' operator. Measured on 2 CPU threads (the commit that set it has the figures): inductor's
+# fused kernels are ahead on LeNet's 256x16x8x8 (262,144 elements), the operator on 256x6x24x24
+# (884,736) and ResNet's 32x64x56x56.
+INDUCTOR_FUSES_BELOW = 1 << 19
 
 
 def _forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps):
