@@ -155,13 +155,27 @@ def _op_case(shape: Sequence[int], channels_last: bool, compile: bool = False, s
     return steps, saved, diff
 
 
+def _native_training_step(x, weight, bias, mean, var):
+    return torch_F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+
+
+def _bnlab_training_step(x, weight, bias, mean, var):
+    return bnlab_F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+
+
 def _compiled_forwards(x, weight, bias) -> dict:
     """torch.compile'd training forwards of native and bnlab batch norm, each with its own running
-    statistics; the first call (in the warm-up) compiles them."""
+    statistics; the first call (in the warm-up) compiles them.
+
+    Each peer is a function of its own, compiled afresh for this shape with static shapes: Dynamo
+    caches compiled code per code object, so peers sharing one (a lambda made in a loop) would each
+    pay for checking the other's guards first, and a second shape on the same code would be compiled
+    with dynamic dims, a slower kernel than a model of fixed shape gets."""
+    torch._dynamo.reset()
     channels = x.shape[1]
     forwards = {}
-    for name, fn in (("compiled_native", torch_F.batch_norm), ("compiled_bnlab", bnlab_F.batch_norm)):
-        compiled = torch.compile(lambda x, w, b, m, v, fn=fn: fn(x, m, v, w, b, True, 0.1, 1e-5), fullgraph=True)
+    for name, step in (("compiled_native", _native_training_step), ("compiled_bnlab", _bnlab_training_step)):
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)
         stats = (torch.zeros(channels), torch.ones(channels))
         forwards[name] = (lambda compiled=compiled, stats=stats: compiled(x, weight, bias, *stats), (x, weight, bias))
     return forwards
