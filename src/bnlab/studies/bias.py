@@ -33,8 +33,8 @@ from torch import nn
 from bnlab import data
 from bnlab.models import NORM_SITES, build_model, norm_layers
 from bnlab.studies.engine import (FULL_SEEDS, MODEL, Outcome, Report, Run, RunContext, Settings, Study, Verdict,
-                                  config_name, difference, finals, fixed_settings, fmt, group_results, markdown_table,
-                                  plot_curves_by_preset, preset_of, pyplot, saved_plot, trained_network, training_data,
+                                  by_preset_and_config, difference, finals, fixed_settings, fmt, markdown_table,
+                                  plot_curves_by_preset, pyplot, saved_plot, trained_network, training_data,
                                   training_params)
 from bnlab.training import PRESETS, epoch_seed
 
@@ -171,7 +171,7 @@ class Bias(Study):
         return runs
 
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
-        results = group_results(outcomes, lambda p: (preset_of(p), config_name(VARIANTS, p["model_options"])))
+        results = by_preset_and_config(outcomes, VARIANTS)
         counts = {name: parameter_count(**options) for name, options in VARIANTS.items()}
 
         conclusions = []

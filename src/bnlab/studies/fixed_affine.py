@@ -14,10 +14,9 @@ fixed runs' parameters are read back too: they must still be exactly 1 and 0.
 from __future__ import annotations
 
 from bnlab.models import NORM_SITES, norm_layers
-from bnlab.studies.engine import (FULL_SEEDS, Outcome, Report, Run, RunContext, Settings, Study, Verdict, config_name,
-                                  difference, finals, fixed_settings, fmt, group_results, markdown_table, mean_std,
-                                  plot_curves_by_preset, preset_of, pyplot, saved_plot, trained_network,
-                                  training_params)
+from bnlab.studies.engine import (Outcome, Report, Run, RunContext, Settings, Study, Verdict, by_preset_and_config,
+                                  difference, finals, fixed_settings, fmt, markdown_table, mean_std,
+                                  plot_curves_by_preset, preset_runs, pyplot, saved_plot, trained_network)
 from bnlab.training import PRESETS
 
 CONFIGS = {"learned": {}, "fixed": {"learn_affine": False}}
@@ -62,11 +61,10 @@ class FixedAffine(Study):
     full_runtime = "about 14 minutes on 2 cores (12 runs of 10 epochs, --jobs 2; measured 14)"
 
     def runs(self, settings: Settings) -> list[Run]:
-        return [Run("affine-parameters", training_params(preset, settings, seed, options))
-                for preset in PRESETS for options in CONFIGS.values() for seed in settings.seed_list(FULL_SEEDS)]
+        return preset_runs("affine-parameters", CONFIGS, settings)
 
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
-        results = group_results(outcomes, lambda p: (preset_of(p), config_name(CONFIGS, p["model_options"])))
+        results = by_preset_and_config(outcomes, CONFIGS)
         conclusions = [self._accuracy_finding(preset, results) for preset in PRESETS]
         conclusions += [self._movement_finding(preset, results) for preset in PRESETS]
         conclusions.append(self._fixed_check(results))

@@ -24,10 +24,10 @@ import torch
 
 from bnlab.data import to_input
 from bnlab.models import NORM_SITES, build_model
-from bnlab.studies.engine import (FULL_SEEDS, MODEL, Outcome, Report, Run, RunContext, Settings, Study, Verdict,
-                                  activations_at, best, config_name, difference, diverged_count, finals, fixed_settings,
-                                  fmt, gain_columns, gain_recovery, group_results, history_of, markdown_table, mean_std,
-                                  plot_accuracy_and_curves_by_preset, preset_of, training_params)
+from bnlab.studies.engine import (FULL_SEEDS, MODEL, GainRecovery, Outcome, Report, Run, RunContext, Settings, Study,
+                                  Verdict, activations_at, best, by_preset_and_config, config_name, difference,
+                                  diverged_count, finals, fixed_settings, fmt, gain_findings, gain_table, group_results,
+                                  history_of, markdown_table, mean_std, plot_accuracy_and_curves_by_preset, preset_runs)
 from bnlab.training import PRESETS
 
 CONFIGS = {"batchnorm": {"norm": "batchnorm"}, "mean-only": {"norm": "mean-only"},
@@ -82,32 +82,26 @@ class Lite(Study):
     full_runtime = "about 20 minutes on 2 cores (24 runs of 10 epochs, --jobs 2; measured 20)"
 
     def runs(self, settings: Settings) -> list[Run]:
-        seeds = settings.seed_list(FULL_SEEDS)
-        return ([Run("train", training_params(preset, settings, seed, options))
-                 for preset in PRESETS for options in CONFIGS.values() for seed in seeds]
+        return (preset_runs("train", CONFIGS, settings)
                 + [Run("sigmoid-inputs", {"model": MODEL, "model_options": options, "seed": seed})
-                   for options in CONFIGS.values() for seed in seeds])
+                   for options in CONFIGS.values() for seed in settings.seed_list(FULL_SEEDS)])
 
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
         trainings = [outcome for outcome in outcomes if outcome.run.kind == "train"]
-        results = group_results(trainings, lambda p: (preset_of(p), config_name(CONFIGS, p["model_options"])))
+        results = by_preset_and_config(trainings, CONFIGS)
         probes = group_results([outcome for outcome in outcomes if outcome.run.kind == "sigmoid-inputs"],
                                lambda p: config_name(CONFIGS, p["model_options"]))
 
         def accuracy(preset, norm):
             return finals(results[(preset, norm)], "test_acc")
 
-        rows = []
-        for preset in PRESETS:
-            for norm in CONFIGS:
-                rs = results[(preset, norm)]
-                rows.append([preset, norm, WHAT_IT_DOES[norm], fmt(accuracy(preset, norm)),
-                             fmt([best(r) for r in rs]), fmt([peak_loss(r) for r in rs]), fmt(finals(rs, "train_loss")),
-                             *gain_columns(accuracy(preset, norm), accuracy(preset, "batchnorm"),
-                                           accuracy(preset, "none")),
-                             f"{diverged_count(rs)}/{len(rs)}"])
-        table = markdown_table(["preset", "norm", "normalizes", "test acc", "best test acc", "peak train loss",
-                                "train loss", "share of BN's gain", "test acc vs BN", "diverged"], rows)
+        table = gain_table(results, list(CONFIGS), "batchnorm", "none", "norm", {
+            "normalizes": lambda norm, rs: WHAT_IT_DOES[norm],
+            "test acc": lambda norm, rs: fmt(finals(rs, "test_acc")),
+            "best test acc": lambda norm, rs: fmt([best(r) for r in rs]),
+            "peak train loss": lambda norm, rs: fmt([peak_loss(r) for r in rs]),
+            "train loss": lambda norm, rs: fmt(finals(rs, "train_loss")),
+        }, ("share of BN's gain", "test acc vs BN"))
 
         conclusions = [line for preset in PRESETS for line in self._preset_findings(preset, accuracy)]
         conclusions.append(self._stability(results))
@@ -132,27 +126,27 @@ class Lite(Study):
 
     @staticmethod
     def _preset_findings(preset: str, accuracy) -> list[str]:
-        full, none = accuracy(preset, "batchnorm"), accuracy(preset, "none")
-        r = gain_recovery(full, none, {half: accuracy(preset, half) for half in HALVES})
-        lines = [f"{preset} preset (lr {PRESETS[preset]['lr']:g}): full BN reaches {fmt(full)} test accuracy vs "
-                 f"{fmt(none)} with no norm ({r.gain:+.3f}; {r.verdict}); mean-only reaches "
-                 f"{fmt(accuracy(preset, 'mean-only'))}, variance-only {fmt(accuracy(preset, 'variance-only'))}."]
-        if r.shares is None:
-            lines.append(f"{preset} preset: full BN does not beat no norm, so neither half has a gain to recover.")
-            return lines
-        worker = r.best
-        other = next(half for half in HALVES if half != worker)
-        recovered = f"{worker} recovers {r.shares[worker]:.0%} of full BN's gain and {other} {r.shares[other]:.0%}"
-        if r.shares[worker] < WORKING_SHARE or difference(accuracy(preset, worker), none)[1] == Verdict.WITHIN_NOISE:
-            lines.append(f"{preset} preset: {recovered}: neither half alone does the work, BN needs both.")
-            return lines
-        lines.append(f"{preset} preset: {recovered}; " + r.best_against_full(
-            within_noise=f"{worker} is within noise of full BN, so that half does all of BN's work here.",
-            single_seed=f"{worker} is {r.gap:+.3f} from full BN (one seed cannot tell whether that is noise).",
-            below=f"{worker} does part of the work but stays clearly below full BN ({r.gap:+.3f}), so BN needs "
-                  "both halves here.",
-            above=f"{worker} alone beats full BN clearly ({r.gap:+.3f})."))
-        return lines
+        none = accuracy(preset, "none")
+
+        def recovered(r: GainRecovery) -> list[str]:
+            worker = r.best
+            other = next(half for half in HALVES if half != worker)
+            shares = f"{worker} recovers {r.shares[worker]:.0%} of full BN's gain and {other} {r.shares[other]:.0%}"
+            if (r.shares[worker] < WORKING_SHARE
+                    or difference(accuracy(preset, worker), none)[1] == Verdict.WITHIN_NOISE):
+                return [f"{shares}: neither half alone does the work, BN needs both."]
+            return [f"{shares}; " + r.best_against_full(
+                within_noise=f"{worker} is within noise of full BN, so that half does all of BN's work here.",
+                single_seed=f"{worker} is {r.gap:+.3f} from full BN (one seed cannot tell whether that is noise).",
+                below=f"{worker} does part of the work but stays clearly below full BN ({r.gap:+.3f}), so BN needs "
+                      "both halves here.",
+                above=f"{worker} alone beats full BN clearly ({r.gap:+.3f}).")]
+
+        return gain_findings(
+            preset, accuracy, "batchnorm", "none", HALVES, full_label="full BN", baseline_label="no norm",
+            also=f"; mean-only reaches {fmt(accuracy(preset, 'mean-only'))}, variance-only "
+                 f"{fmt(accuracy(preset, 'variance-only'))}",
+            no_gain="full BN does not beat no norm, so neither half has a gain to recover.", recovered=recovered)
 
     @staticmethod
     def _initial_table(probes) -> str:

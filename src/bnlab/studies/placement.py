@@ -15,10 +15,9 @@ difference to "all" is within the seed-to-seed noise (`difference`).
 from __future__ import annotations
 
 from bnlab.models import PLACEMENTS
-from bnlab.studies.engine import (FULL_SEEDS, NO_NORM, Outcome, Report, Run, Settings, Study, config_name,
-                                  diverged_count, finals, fixed_settings, fmt, gain_columns, gain_recovery,
-                                  group_results, markdown_table, plot_accuracy_and_curves_by_preset, preset_of,
-                                  share_of_gain, training_params)
+from bnlab.studies.engine import (NO_NORM, GainRecovery, Outcome, Report, Run, Settings, Study, by_preset_and_config,
+                                  finals, fixed_settings, fmt, gain_findings, gain_table,
+                                  plot_accuracy_and_curves_by_preset, preset_runs, share_of_gain)
 from bnlab.training import PRESETS
 
 # Placement name -> the model_options that realize it; "none" is the same network without norm layers.
@@ -37,25 +36,19 @@ class Placement(Study):
     full_runtime = "about 21 minutes on 2 cores (30 runs of 10 epochs, --jobs 2; measured 21)"
 
     def runs(self, settings: Settings) -> list[Run]:
-        return [Run("train", training_params(preset, settings, seed, options))
-                for preset in PRESETS for options in CONFIGS.values() for seed in settings.seed_list(FULL_SEEDS)]
+        return preset_runs("train", CONFIGS, settings)
 
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
-        results = group_results(outcomes, lambda p: (preset_of(p), config_name(CONFIGS, p["model_options"])))
+        results = by_preset_and_config(outcomes, CONFIGS)
 
         def accuracy(preset, placement):
             return finals(results[(preset, placement)], "test_acc")
 
-        rows = []
-        for preset in PRESETS:
-            for placement in CONFIGS:
-                rs = results[(preset, placement)]
-                rows.append([preset, placement, sites_of(placement), fmt(accuracy(preset, placement)),
-                             fmt(finals(rs, "train_loss")),
-                             *gain_columns(accuracy(preset, placement), accuracy(preset, "all"), accuracy(preset, "none")),
-                             f"{diverged_count(rs)}/{len(rs)}"])
-        table = markdown_table(["preset", "placement", "norm after", "test acc", "train loss", "share of all-layers gain",
-                                "test acc vs all", "diverged"], rows)
+        table = gain_table(results, list(CONFIGS), "all", "none", "placement", {
+            "norm after": lambda placement, rs: sites_of(placement),
+            "test acc": lambda placement, rs: fmt(finals(rs, "test_acc")),
+            "train loss": lambda placement, rs: fmt(finals(rs, "train_loss")),
+        }, ("share of all-layers gain", "test acc vs all"))
 
         conclusions = [line for preset in PRESETS for line in self._preset_findings(preset, accuracy)]
         conclusions.append(self._where_placement_matters(accuracy))
@@ -77,25 +70,22 @@ class Placement(Study):
 
     @staticmethod
     def _preset_findings(preset: str, accuracy) -> list[str]:
-        full, none = accuracy(preset, "all"), accuracy(preset, "none")
-        r = gain_recovery(full, none, {name: accuracy(preset, name) for name in PARTIAL})
-        lines = [f"{preset} preset (lr {PRESETS[preset]['lr']:g}): BN after every layer reaches {fmt(full)} test "
-                 f"accuracy vs {fmt(none)} with no BN ({r.gain:+.3f}; {r.verdict})."]
-        if r.shares is None:
-            lines.append(f"{preset} preset: BN everywhere does not beat no BN, so there is no gain for partial "
-                         f"placements to recover; their accuracies: "
-                         + ", ".join(f"{name} {fmt(accuracy(preset, name))}" for name in PARTIAL) + ".")
-            return lines
-        lines.append(f"{preset} preset: the share of that gain each partial placement recovers — "
-                     + ", ".join(f"{name} ({sites_of(name)}) {r.shares[name]:.0%}" for name in PARTIAL) + ".")
-        answer = r.best_against_full(
-            single_seed="one seed cannot tell whether that difference is noise",
-            within_noise=f"within noise of BN everywhere, so BN is not needed in every layer here: {r.best} suffices",
-            below="clearly below BN everywhere, so every layer's BN contributes here",
-            above="clearly above BN everywhere, so adding BN to the other layers hurts here")
-        lines.append(f"{preset} preset: the best partial placement, {r.best}, is {r.gap:+.3f} from BN everywhere: "
-                     f"{answer}.")
-        return lines
+        def recovered(r: GainRecovery) -> list[str]:
+            answer = r.best_against_full(
+                single_seed="one seed cannot tell whether that difference is noise",
+                within_noise=f"within noise of BN everywhere, so BN is not needed in every layer here: {r.best} "
+                             "suffices",
+                below="clearly below BN everywhere, so every layer's BN contributes here",
+                above="clearly above BN everywhere, so adding BN to the other layers hurts here")
+            return ["the share of that gain each partial placement recovers — "
+                    + ", ".join(f"{name} ({sites_of(name)}) {r.shares[name]:.0%}" for name in PARTIAL) + ".",
+                    f"the best partial placement, {r.best}, is {r.gap:+.3f} from BN everywhere: {answer}."]
+
+        return gain_findings(
+            preset, accuracy, "all", "none", PARTIAL, full_label="BN after every layer", baseline_label="no BN",
+            no_gain="BN everywhere does not beat no BN, so there is no gain for partial placements to recover; their "
+                    "accuracies: " + ", ".join(f"{name} {fmt(accuracy(preset, name))}" for name in PARTIAL) + ".",
+            recovered=recovered)
 
     @staticmethod
     def _where_placement_matters(accuracy) -> str:

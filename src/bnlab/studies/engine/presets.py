@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 
-from bnlab.studies.engine.runner import Settings
+from bnlab.studies.engine.runner import Outcome, Run, Settings
+from bnlab.studies.engine.stats import group_results
 from bnlab.training import PRESETS
 
 QUICK_DATA = {"train_subset": 6000, "test_subset": 2000}
@@ -35,6 +36,18 @@ def config_name(configs: dict, model_options: dict) -> str:
         if options == model_options:
             return name
     raise ValueError(f"model options {model_options} are none of the configurations {list(configs)}")
+
+
+def preset_runs(kind: str, configs: dict, settings: Settings) -> list[Run]:
+    """A `kind` run (with `training_params`) per preset, configuration (`configs`: name -> model_options)
+    and seed, in that nesting."""
+    return [Run(kind, training_params(preset, settings, seed, options))
+            for preset in PRESETS for options in configs.values() for seed in settings.seed_list(FULL_SEEDS)]
+
+
+def by_preset_and_config(outcomes: list[Outcome], configs: dict) -> dict:
+    """The results (lists over seeds) by (preset, configuration name in `configs`)."""
+    return group_results(outcomes, lambda p: (preset_of(p), config_name(configs, p["model_options"])))
 
 
 def preset_of(params: dict) -> str:

@@ -1,4 +1,5 @@
-"""Statistics over seeds, and reading training results: what every study's numbers go through.
+"""Statistics over seeds, reading training results, and the gain tables and findings of the studies that
+ask which variants of a method recover its gain: what every study's numbers go through.
 
 A study runs each configuration with several seeds; `fmt` shows mean ± sample std, and `difference`
 says whether two configurations differ by more than their seed-to-seed spread, as a `Verdict`.
@@ -17,7 +18,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Sequence
 
+from bnlab.studies.engine.report import markdown_table
 from bnlab.studies.engine.runner import Outcome
+from bnlab.training import PRESETS
 
 
 class Verdict(enum.StrEnum):
@@ -148,3 +151,39 @@ def group_results(outcomes: Sequence[Outcome], key: Callable[[dict], Hashable]) 
     for outcome in outcomes:
         groups[key(outcome.run.params)].append(outcome.result)
     return groups
+
+
+# ---- a method and its variants under both presets -------------------------------------------------------
+# For a study of which variants of a method (configurations, results keyed (preset, name)) recover its gain
+# over a baseline configuration.
+
+
+def gain_table(results: dict, names: Sequence[str], full: str, baseline: str, name_header: str,
+               columns: dict[str, Callable[[str, list[dict]], str]], gain_headers: tuple[str, str]) -> str:
+    """The results table: a row per preset and configuration with the `columns` (header -> the cell of a
+    configuration's name and runs), the `gain_columns` against `full` and `baseline` under `gain_headers`,
+    and how many runs diverged."""
+    rows = []
+    for preset in PRESETS:
+        accuracy = {name: finals(results[(preset, name)], "test_acc") for name in names}
+        for name in names:
+            rs = results[(preset, name)]
+            rows.append([preset, name, *(cell(name, rs) for cell in columns.values()),
+                         *gain_columns(accuracy[name], accuracy[full], accuracy[baseline]),
+                         f"{diverged_count(rs)}/{len(rs)}"])
+    return markdown_table(["preset", name_header, *columns, *gain_headers, "diverged"], rows)
+
+
+def gain_findings(preset: str, accuracy: Callable[[str, str], Sequence[float]], full: str, baseline: str,
+                  variants: Sequence[str], *, full_label: str, baseline_label: str, no_gain: str,
+                  recovered: Callable[[GainRecovery], list[str]], also: str = "") -> list[str]:
+    """The findings on one preset: first how far `full` beats `baseline` (their `*_label`s name them in the
+    text; `also` is appended to that sentence), then `no_gain` when it does not beat it, else the sentences
+    `recovered` makes of the `gain_recovery` of the `variants`. `accuracy(preset, name)`: the final test
+    accuracies over seeds."""
+    full_accuracy, baseline_accuracy = accuracy(preset, full), accuracy(preset, baseline)
+    r = gain_recovery(full_accuracy, baseline_accuracy, {name: accuracy(preset, name) for name in variants})
+    opening = (f"{preset} preset (lr {PRESETS[preset]['lr']:g}): {full_label} reaches {fmt(full_accuracy)} test "
+               f"accuracy vs {fmt(baseline_accuracy)} with {baseline_label} ({r.gain:+.3f}; {r.verdict}){also}.")
+    sentences = [no_gain] if r.shares is None else recovered(r)
+    return [opening, *(f"{preset} preset: {sentence}" for sentence in sentences)]
