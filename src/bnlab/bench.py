@@ -2,8 +2,8 @@
 
 `bnlab bench op` times one training-mode forward + backward of batch normalization for bnlab, torch's
 native kernel and the D2L chapter's naive code (autograd through elementwise ops), float32 on CPU, on
-the LeNet shapes and a ResNet stage. The implementations run interleaved (A B C A B C ...) so a noisy,
-shared machine slows them alike; each figure is a median. Besides milliseconds it prints:
+the LeNet shapes and a ResNet stage. The implementations take turns, in a shuffled order each round, so
+a noisy, shared machine slows them alike; each figure is a median. Besides milliseconds it prints:
 
 - the ratio to native (native time / bnlab time: above 1 means bnlab is faster);
 - the share of the memory-bandwidth floor reached. The floor is 8 passes over the tensor (forward:
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import platform
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -51,13 +52,26 @@ RESNET_SHAPE = (32, 64, 56, 56)
 OP_SHAPES = [*LENET_SHAPES, RESNET_SHAPE]
 
 
+def turns(names, rounds: int):
+    """The names, once per round, in a new random order each round (seeded, so a run can be repeated).
+
+    What ran just before changes a small call's time (the state of the caches and of the OpenMP
+    threads). In a fixed or rotated order each function would always follow the same one: that was a
+    bias of 16% to 24% between two identical compiled graphs in `bench op --compile`."""
+    order, shuffle = list(names), random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        yield from order
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, sample_seconds: float = 0.002, warmup: int = 3
 ) -> dict[str, float]:
-    """Median seconds per call of each function, timed in rotation.
+    """Median seconds per call of each function, timed in turns.
 
     Each sample runs a function enough times to last about `sample_seconds` (calibrated once), so
-    the timer's resolution does not dominate tiny calls; `repeats` samples of each are taken in turns.
+    the timer's resolution does not dominate tiny calls; `repeats` samples of each are taken in
+    `turns`.
     """
     calls = {}
     for name, fn in fns.items():
@@ -67,14 +81,12 @@ def time_interleaved(
         fn()
         calls[name] = max(1, math.ceil(sample_seconds / max(time.perf_counter() - start, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
-            fn, n = fns[name], calls[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - start) / n)
+    for name in turns(fns, repeats):
+        fn, n = fns[name], calls[name]
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples[name].append((time.perf_counter() - start) / n)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -253,12 +265,10 @@ def bench_train(
     for name in models:  # warm-up: allocator, kernels, first-touch, compilation
         steps(name, 3)
     samples: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            steps(name, batches_per_round)
-            samples[name].append(batches_per_round * batch_size / (time.perf_counter() - start))
+    for name in turns(models, rounds):
+        start = time.perf_counter()
+        steps(name, batches_per_round)
+        samples[name].append(batches_per_round * batch_size / (time.perf_counter() - start))
     speed = {name: statistics.median(s) for name, s in samples.items()}
     reference = speed.get("bn-lenet-torch", float("nan"))
     return [TrainSpeed(name, speed[name], speed[name] / reference, runners[name][3][0]) for name in models]
