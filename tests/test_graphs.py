@@ -311,16 +311,18 @@ def _traced_operators(layer, x) -> list:
     return seen
 
 
-@pytest.mark.parametrize("elements, own_ops", [(48, False), (48, True), (1 << 19, False)],
-                         ids=["small", "small-own-ops", "large"])
-def test_compile_hands_small_training_inputs_to_torch(elements, own_ops, backend):
+@pytest.mark.parametrize("size, own_ops", [("small", False), ("small", True), ("threshold", False)],
+                         ids=["small", "small-own-ops", "threshold"])
+def test_compile_hands_small_training_inputs_to_torch(size, own_ops, backend):
     """Below INDUCTOR_FUSES_BELOW elements a compiled training graph holds torch's batch norm, which
     inductor fuses; from there up (or with the hand-over off) bnlab's own form: the kernels' operator,
     or plain tensor ops under BNLAB_KERNELS=torch."""
+    threshold = importlib.import_module("bnlab.functional.batch_norm").INDUCTOR_FUSES_BELOW
+    elements = 48 if size == "small" else threshold
     x = torch.randn(elements // 4, 4)
     with _own_graph_ops() if own_ops else contextlib.nullcontext():
         operators = _traced_operators(bnlab.nn.BatchNorm1d(4), x)
-    handed_over = elements < (1 << 19) and not own_ops
+    handed_over = size == "small" and not own_ops
     assert (torch.nn.functional.batch_norm in operators) == handed_over, operators
     kernels_operator = torch.ops.bnlab.batch_norm_forward in operators
     assert kernels_operator == (not handed_over and backend == "compiled"), operators

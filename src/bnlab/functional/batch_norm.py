@@ -175,7 +175,7 @@ def _batch_norm_in_graph(input, running_mean, running_var, weight, bias, trainin
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
                                               momentum, eps)
     plain_ops_only = torch._C._are_functorch_transforms_active()
-    if (input.numel() < INDUCTOR_FUSES_BELOW and not isinstance(momentum, Tensor) and not plain_ops_only
+    if (input.numel() < INDUCTOR_FUSES_BELOW and isinstance(momentum, (int, float)) and not plain_ops_only
             and torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     if not plain_ops_only and kernels.available() and _compiled_supported(input, weight, bias, running_mean, running_var):
@@ -195,10 +195,11 @@ def _batch_norm_in_graph(input, running_mean, running_var, weight, bias, trainin
 
 
 # Below this many input elements torch.compile gets torch's training batch norm to fuse, not the
-# kernels' operator. Measured on 2 CPU threads (the commit that set it has the figures): inductor's
-# fused kernels are ahead on LeNet's 256x16x8x8 (262,144 elements), the operator on 256x6x24x24
-# (884,736) and ResNet's 32x64x56x56.
-INDUCTOR_FUSES_BELOW = 1 << 19
+# kernels' operator. Measured with `bnlab bench op --compile` on 2 CPU threads (the figures are in the
+# commit that set it): the operator is 0.89x compiled native at 128x84 (10,752 elements), even at
+# 256x120 (30,720) and ahead from 64x16x8x8 (65,536) up; and a compiled BN-LeNet trains faster with
+# the operator on its convolutions than with torch's op everywhere.
+INDUCTOR_FUSES_BELOW = 1 << 16
 
 
 def _forward_torch(input, weight, bias, running_mean, running_var, training, momentum, eps):

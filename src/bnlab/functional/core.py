@@ -14,6 +14,10 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+# By name, not through `torch.`: when two modules' traced code reach one object through their own
+# globals, Dynamo guards that they still agree with a check that runs in Python on every compiled call.
+from torch._C import _are_functorch_transforms_active as functorch_transforms_active
+from torch.compiler import is_compiling
 
 
 __all__ = [
@@ -161,14 +165,10 @@ def in_graph(input: Tensor) -> bool:
 
     There every call must be traceable: the eager path's C++ autograd node reads data pointers and
     updates the running statistics behind the graph's back. Checked on every call (about half a
-    microsecond in all). Dynamo's test comes first: traced, it is a constant, where comparing the
-    input's type with ``Tensor`` would add a guard that runs in Python on every compiled call.
+    microsecond in all). Dynamo's test comes first: traced, it is a constant, and the input's type is
+    never compared with ``Tensor`` (another guard that would run in Python on every compiled call).
     """
-    return (
-        torch.compiler.is_compiling()
-        or type(input) is not Tensor
-        or torch._C._are_functorch_transforms_active()
-    )
+    return is_compiling() or type(input) is not Tensor or functorch_transforms_active()
 
 
 def reduce_dims(x: Tensor) -> list[int]:
