@@ -708,3 +708,18 @@ def test_sync_batch_norm_compiled_fullgraph_two_processes(momentum):
             for s in shards:
                 torch.testing.assert_close(s[key], value, **TOL, msg=lambda m: f"{key}, step {step}\n{m}")
         reference.zero_grad()
+
+
+def test_bench_turns_shuffle_each_round_reproducibly():
+    """Every name once per round, in orders that vary (no name always follows the same one), and the
+    same sequence on every run."""
+    from bnlab import bench
+
+    names = ["a", "b", "c", "d"]
+    sequence = list(bench.turns(names, 30))
+    rounds = [sequence[i:i + 4] for i in range(0, len(sequence), 4)]
+    assert all(sorted(r) == names for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 5
+    predecessors = {name: {r[r.index(name) - 1] for r in rounds if r.index(name) > 0} for name in names}
+    assert all(len(before) > 1 for before in predecessors.values()), predecessors
+    assert list(bench.turns(names, 30)) == sequence
