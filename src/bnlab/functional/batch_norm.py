@@ -171,13 +171,12 @@ def _batch_norm_in_graph(input, running_mean, running_var, weight, bias, trainin
 
     `momentum` may be a 0-dim tensor (the cumulative average's 1 / n under compile).
     """
-    if not training or torch.onnx.is_in_onnx_export():
+    plain_ops_only = torch._C._are_functorch_transforms_active()
+    inductor_fuses = (input.numel() < INDUCTOR_FUSES_BELOW and isinstance(momentum, (int, float))
+                      and not plain_ops_only and torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+    if not training or torch.onnx.is_in_onnx_export() or inductor_fuses:
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
                                               momentum, eps)
-    plain_ops_only = torch._C._are_functorch_transforms_active()
-    if (input.numel() < INDUCTOR_FUSES_BELOW and isinstance(momentum, (int, float)) and not plain_ops_only
-            and torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
-        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     if not plain_ops_only and kernels.available() and _compiled_supported(input, weight, bias, running_mean, running_var):
         if not (input.is_contiguous() or (input.dim() > 2 and input.movedim(1, -1).is_contiguous())):
             input = input.contiguous()  # the layouts the kernels read in place (the fake kernel assumes it)
