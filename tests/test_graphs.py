@@ -165,12 +165,13 @@ def _run_compile(ours, reference, shape, training, tol=TOL):
 
 
 @contextlib.contextmanager
-def _own_graph_ops():
+def _own_graph_ops(enabled: bool = True):
     """Compile bnlab's own graph forms at every input size: no hand-over of small training inputs to
-    torch's batch norm (see `bnlab.functional.batch_norm._batch_norm_in_graph`)."""
+    torch's batch norm (see `bnlab.functional.batch_norm._batch_norm_in_graph`). Does nothing when not
+    `enabled`, for tests parametrized both ways."""
     module = importlib.import_module("bnlab.functional.batch_norm")
     threshold = module.INDUCTOR_FUSES_BELOW
-    module.INDUCTOR_FUSES_BELOW = 0
+    module.INDUCTOR_FUSES_BELOW = 0 if enabled else threshold
     try:
         yield
     finally:
@@ -270,7 +271,7 @@ def test_layer_under_inductor(name, training, own_ops, backend):
     without the hand-over of small training inputs to torch's op."""
     ours, reference = _pair(name, training)
     torch._dynamo.reset()
-    with _own_graph_ops() if own_ops else contextlib.nullcontext():
+    with _own_graph_ops(own_ops):
         _compare_steps(torch.compile(ours), ours, reference, LAYERS[name].shape, steps=2)
 
 
@@ -289,7 +290,7 @@ def test_double_backward_through_compile(own_ops, backend):
     x = _input(LAYERS["BatchNorm2d"].shape, 0)
     torch._dynamo.reset()
     expected = _second_derivative(reference, x.clone().requires_grad_())
-    with _own_graph_ops() if own_ops else contextlib.nullcontext():
+    with _own_graph_ops(own_ops):
         compiled = torch.compile(ours, fullgraph=True, backend="eager")
         torch.testing.assert_close(_second_derivative(compiled, x.clone().requires_grad_()), expected, **TOL)
         for layer in (ours, reference):
@@ -320,7 +321,7 @@ def test_compile_hands_small_training_inputs_to_torch(size, own_ops, backend):
     threshold = importlib.import_module("bnlab.functional.batch_norm").INDUCTOR_FUSES_BELOW
     elements = 48 if size == "small" else threshold
     x = torch.randn(elements // 4, 4)
-    with _own_graph_ops() if own_ops else contextlib.nullcontext():
+    with _own_graph_ops(own_ops):
         operators = _traced_operators(bnlab.nn.BatchNorm1d(4), x)
     handed_over = size == "small" and not own_ops
     assert (torch.nn.functional.batch_norm in operators) == handed_over, operators
@@ -478,7 +479,7 @@ def test_compiled_bn_lenet_trains_as_eager(own_ops, backend):
         return step
 
     eager_step, compiled_step = step_fn(eager), step_fn(compiled)
-    with _own_graph_ops() if own_ops else contextlib.nullcontext():
+    with _own_graph_ops(own_ops):
         for x, y in batches:
             assert compiled_step(x, y) == pytest.approx(eager_step(x, y), rel=1e-4, abs=1e-5)
     for key, value in eager.state_dict().items():
