@@ -96,6 +96,9 @@ ERROR_CASES = [
     ("dtype-bool-functional", functional_call((4, 3), dtype=torch.bool), ["floating", "torch.bool"]),
     ("dtype-uint8-eval", layer_call(lambda: bnn.BatchNorm1d(3), (4, 3), dtype=torch.uint8, training=False),
      ["floating", "torch.uint8"]),
+    ("dtype-float8-functional", functional_call((4, 3), dtype=torch.float8_e4m3fn), ["floating", "torch.float8_e4m3fn"]),
+    ("dtype-complex-functional", lambda: F.batch_norm(torch.randn(4, 3, dtype=torch.complex64), None, None, training=True),
+     ["floating", "torch.complex64"]),
     # (an empty batch is no error: torch passes it through, and so does bnlab; see test_torch_cases)
     # ---- functional eval mode needs running statistics
     ("functional-eval-without-running-stats", functional_call((4, 3), running=False, training=False),
@@ -163,3 +166,13 @@ def test_rejected_inputs_leave_running_statistics_untouched(backend):
         expect_value_error(lambda: layer(bad), [])
     assert torch.equal(layer.running_mean, torch.zeros(3))
     assert torch.equal(layer.running_var, torch.ones(3))
+
+
+def test_is_floating_is_membership_of_floating():
+    """`is_floating` (dtype attributes, guard-free under torch.compile) agrees with the FLOATING tuple on
+    every dtype torch has."""
+    from bnlab.functional.core import FLOATING, is_floating
+
+    dtypes = {value for value in vars(torch).values() if isinstance(value, torch.dtype)}
+    assert len(dtypes) > 20, "torch's dtypes were not found"
+    assert {d for d in dtypes if is_floating(d)} == set(FLOATING)

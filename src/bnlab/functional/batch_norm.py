@@ -27,6 +27,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+# By name, not through torch's modules: under torch.compile every attribute on the way to a function
+# is a guard checked on each call, and the graph path below is traced on every compiled call of a layer.
+from torch._C import _are_functorch_transforms_active as functorch_transforms_active
+from torch.compiler import is_compiling, is_exporting
+from torch.nn.functional import batch_norm as torch_batch_norm
+from torch.onnx import is_in_onnx_export
 
 from bnlab import kernels
 from bnlab.functional.core import check_batch_size, check_arguments, check_mode, compute_dtype, empty_batch, in_graph, in_layout_of, moved, per_channel, reduce_dims, unbiased, update_running
@@ -171,12 +177,11 @@ def _batch_norm_in_graph(input, running_mean, running_var, weight, bias, trainin
 
     `momentum` may be a 0-dim tensor (the cumulative average's 1 / n under compile).
     """
-    plain_ops_only = torch._C._are_functorch_transforms_active()
+    plain_ops_only = functorch_transforms_active()
     inductor_fuses = (input.numel() < INDUCTOR_FUSES_BELOW and isinstance(momentum, (int, float))
-                      and not plain_ops_only and torch.compiler.is_compiling() and not torch.compiler.is_exporting())
-    if not training or torch.onnx.is_in_onnx_export() or inductor_fuses:
-        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
-                                              momentum, eps)
+                      and not plain_ops_only and is_compiling() and not is_exporting())
+    if not training or is_in_onnx_export() or inductor_fuses:
+        return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not plain_ops_only and kernels.available() and _compiled_supported(input, weight, bias, running_mean, running_var):
         if not (input.is_contiguous() or (input.dim() > 2 and input.movedim(1, -1).is_contiguous())):
             input = input.contiguous()  # the layouts the kernels read in place (the fake kernel assumes it)
