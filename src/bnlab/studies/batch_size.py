@@ -35,8 +35,8 @@ import torch
 
 from bnlab.data import FashionMNIST
 from bnlab.studies.engine import (Outcome, Report, Run, RunContext, Settings, Study, Verdict, difference, fmt,
-                                  markdown_table, mean_std, plot_against_batch_size, pyplot, round_lr, saved_plot,
-                                  scaled_lr, train_run, trained_network, with_precise_statistics)
+                                  markdown_table, mean_std, plot_against_batch_size, round_lr, saved_plot, scaled_lr,
+                                  subplots, train_run, trained_network, with_precise_statistics)
 from bnlab.training import EVAL_BATCH_SIZE, evaluate
 
 FULL_SIZES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -180,10 +180,8 @@ class BatchSize(Study):
     question = ("Does BN-LeNet work best with minibatches of 50–100, as the chapter says, when every batch size "
                 "gets the same epochs and its own tuned learning rate; and what happens at batch size 1?")
     full_runtime = "about 40 minutes on 2 cores (193 runs of 5 epochs on 10240 examples, --jobs 2)"
-
-    @staticmethod
-    def plan(settings: Settings) -> Plan:
-        return QUICK_PLAN if settings.quick else FULL_PLAN
+    quick_plan = QUICK_PLAN
+    full_plan = FULL_PLAN
 
     def runs(self, settings: Settings) -> list[Run]:
         plan = self.plan(settings)
@@ -377,9 +375,8 @@ class BatchSize(Study):
 
     @staticmethod
     def _plot(plan, test, test_moving, by_config, batch_one, settings):
-        plt = pyplot()
         sizes = plan.sizes
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+        fig, (left, right) = subplots(1, 2, figsize=(11, 3.8))
         plot_against_batch_size(left, {"precise statistics": {s: test[s] for s in sizes if test[s]},
                                        "moving averages": {s: test_moving[s] for s in sizes if test_moving[s]}},
                                 "test accuracy")

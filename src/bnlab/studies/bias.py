@@ -32,10 +32,9 @@ from torch import nn
 
 from bnlab import data
 from bnlab.models import NORM_SITES, build_model, norm_layers
-from bnlab.studies.engine import (FULL_SEEDS, MODEL, Outcome, Report, Run, RunContext, Settings, Study, Verdict,
-                                  by_preset_and_config, difference, finals, fixed_settings, fmt, markdown_table,
-                                  plot_curves_by_preset, pyplot, saved_plot, trained_network, training_data,
-                                  training_params)
+from bnlab.studies.engine import (FULL_SEEDS, MODEL, Outcome, PresetStudy, Report, Run, RunContext, Settings, Verdict,
+                                  difference, finals, fmt, markdown_table, plot_curves_by_preset, saved_plot, subplots,
+                                  trained_network, training_data, training_params)
 from bnlab.training import PRESETS, epoch_seed
 
 PROBE_BATCHES = 8
@@ -156,13 +155,15 @@ def largest(results: list[dict], section: str, name: str) -> float:
     return max(values) if values else float("nan")
 
 
-class Bias(Study):
+class Bias(PresetStudy):
     name = "bias"
     question = ("Can we remove the bias of the conv/linear layer before batch normalization: does it get any "
                 "gradient, does accuracy change, what does it save, and what absorbs it?")
     full_runtime = "about 11 minutes on 2 cores (12 runs of 10 epochs, --jobs 2; measured 10.5)"
+    configs = VARIANTS
 
     def runs(self, settings: Settings) -> list[Run]:
+        """As PresetStudy's, but the kept runs also measure the biases' gradients ("bias-gradients")."""
         runs = []
         for preset in PRESETS:
             for seed in settings.seed_list(FULL_SEEDS):
@@ -171,7 +172,7 @@ class Bias(Study):
         return runs
 
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
-        results = by_preset_and_config(outcomes, VARIANTS)
+        results = self.results(outcomes)
         counts = {name: parameter_count(**options) for name, options in VARIANTS.items()}
 
         conclusions = []
@@ -185,14 +186,13 @@ class Bias(Study):
         conclusions.append(self._equivalence_finding(kept))
         conclusions.append(self._effectiveness(results, kept))
 
-        return Report(
+        return self.preset_report(
+            settings,
             title="bias: can we remove the bias before batch normalization?",
-            question=self.question,
-            settings={**fixed_settings(settings),
-                      "bias measurements": f"kept runs; train mode; first {PROBE_BATCHES} batches of epoch 1; "
-                                           f"equivalence on {EQUIVALENCE_SAMPLES} test images (eval mode) and one "
-                                           "training batch (train mode)"},
-            varied={"bias before each BN": tuple(VARIANTS), "preset": tuple(PRESETS)},
+            own_settings={"bias measurements": f"kept runs; train mode; first {PROBE_BATCHES} batches of epoch 1; "
+                                               f"equivalence on {EQUIVALENCE_SAMPLES} test images (eval mode) and one "
+                                               "training batch (train mode)"},
+            varied={"bias before each BN": tuple(VARIANTS)},
             sections=[("Accuracy (final epoch, mean ± std over seeds)", self._accuracy_table(results, counts)),
                       ("Bias gradients and drift (largest over seeds)", self._gradient_table(results)),
                       ("Equivalence on the trained networks (largest over seeds)", self._equivalence_table(results))],
@@ -304,8 +304,7 @@ class Bias(Study):
 
     @staticmethod
     def _plot_gradients(kept: list[dict], settings):
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig, ax = subplots(figsize=(7, 3.6))
         layers = (*NORM_SITES, CONTROL)
         width = 0.38
         for offset, (stage, label) in zip((-width / 2, width / 2), (("at_init", "at initialization"),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from bnlab.studies.engine import (Outcome, Report, Run, Settings, Study, Verdict, difference, final, fmt, markdown_table,
-                                  mean_curve, plot_epoch_curves, pyplot, saved_plot)
+from bnlab.studies.engine import (Outcome, Report, Run, Settings, Study, Verdict, difference, final, fmt,
+                                  markdown_table, mean_curve, plot_epoch_curves, saved_plot, subplots)
 from bnlab.training import PRESETS
 
 MODELS = ("lenet", "bn-lenet", "bn-lenet-torch")
@@ -133,8 +133,7 @@ class Compare(Study):
 
     @staticmethod
     def _plot_bars(metric, settings):
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(8, 3.6))
+        fig, ax = subplots(figsize=(8, 3.6))
         labels, means, errs = [], [], []
         for preset in PRESETS:
             for pool in POOLS:
@@ -154,8 +153,7 @@ class Compare(Study):
 
     @staticmethod
     def _plot_curves(by_config, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+        fig, axes = subplots(1, 2, figsize=(9, 3.4), sharey=True)
         for ax, preset in zip(axes, PRESETS):
             curves = {model: mean_curve(by_config[(preset, "avg", model)], "test_acc") for model in MODELS}
             plot_epoch_curves(ax, curves, "test accuracy")

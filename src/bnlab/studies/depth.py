@@ -40,7 +40,7 @@ from torch import nn
 from bnlab import data
 from bnlab.nn import BatchNorm1d
 from bnlab.studies.engine import (Outcome, Report, Run, RunContext, Settings, Study, final, fmt, markdown_table,
-                                  label_axes, mean_std, pyplot, saved_plot, training_result)
+                                  label_axes, mean_std, saved_plot, subplots, training_result)
 from bnlab.training import Diverged, Loop
 
 DEPTHS = (10, 30, 100)
@@ -141,12 +141,13 @@ class Depth(Study):
                 "connections, and what happens to the gradients at initialization?")
     full_runtime = ("about 11 minutes on 2 cores (108 runs of up to 5 epochs on 20000 examples, --jobs 2; diverged runs "
                     "stop early; measured 11)")
+    quick_plan = {"data": QUICK_DATA, "epochs": QUICK_EPOCHS}
+    full_plan = {"data": FULL_DATA, "epochs": FULL_EPOCHS}
 
     def runs(self, settings: Settings) -> list[Run]:
-        data_options = QUICK_DATA if settings.quick else FULL_DATA
-        epochs = QUICK_EPOCHS if settings.quick else FULL_EPOCHS
+        plan = self.plan(settings)
         return [Run("deep-mlp", {"depth": depth, "width": WIDTH, "batchnorm": bn, "residual": res, "lr": lr,
-                                 "epochs": epochs, "seed": seed, **data_options})
+                                 "epochs": plan["epochs"], "seed": seed, **plan["data"]})
                 for depth in DEPTHS for bn, res in VARIANTS for lr in LEARNING_RATES
                 for seed in settings.seed_list(FULL_SEEDS)]
 
@@ -165,7 +166,8 @@ class Depth(Study):
         conclusions = self._depth_findings(combos, trained, at_kept)
         conclusions += self._gradient_findings(init)
         plots = [self._plot_gradients(init, settings), self._plot_accuracy(at_kept, settings)]
-        data_options = QUICK_DATA if settings.quick else FULL_DATA
+        plan = self.plan(settings)
+        data_options = plan["data"]
         return Report(
             title="depth: does batch normalization make 100-layer networks trainable?",
             question=self.question,
@@ -176,7 +178,7 @@ class Depth(Study):
                            "consecutive ones; residual: h + (BN -> ReLU -> Linear)(h) around every hidden layer",
                 "initialization": "Kaiming normal (ReLU gain) weights, zero biases",
                 "optimizer": f"plain SGD, batch {BATCH_SIZE}, each rate of {', '.join(map(str, LEARNING_RATES))}",
-                "epochs": QUICK_EPOCHS if settings.quick else FULL_EPOCHS,
+                "epochs": plan["epochs"],
                 "seeds": len(settings.seed_list(FULL_SEEDS)),
                 "kept rate": "lowest mean final training loss over seeds among rates with no diverged seed",
                 "trained": f"at the kept rate every seed ends without divergence and with test accuracy >= "
@@ -278,9 +280,8 @@ class Depth(Study):
 
     @staticmethod
     def _plot_gradients(init, settings):
-        plt = pyplot()
         deep = max(DEPTHS)
-        fig, ax = plt.subplots(figsize=(7, 3.8))
+        fig, ax = subplots(figsize=(7, 3.8))
         for (bn, res), style in zip(VARIANTS, ("-", "--", ":", "-.")):
             norms = [geometric_mean([i["grad_norms"][layer] for i in init[(deep, bn, res)]]) for layer in range(deep)]
             finite = [(layer + 1, n) for layer, n in enumerate(norms) if math.isfinite(n)]
@@ -300,8 +301,7 @@ class Depth(Study):
 
     @staticmethod
     def _plot_accuracy(at_kept, settings):
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = subplots(figsize=(6, 3.6))
         for (bn, res), style in zip(VARIANTS, ("-o", "--s", ":^", "-.v")):
             stats = [mean_std([final(r, "test_acc") for r in at_kept[(d, bn, res)]]) for d in DEPTHS]
             ax.errorbar(DEPTHS, [0.0 if math.isnan(m) else m for m, _ in stats],

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from bnlab.studies.engine import (FULL_SEEDS, NO_NORM, Outcome, Report, Run, RunContext, Settings, Study, Verdict,
                                   config_name, difference, finals, fixed_settings, fmt, group_results, markdown_table,
-                                  mean_std, plot_bars, plot_curves_by_preset, preset_of, pyplot, saved_plot,
+                                  mean_std, plot_bars, plot_curves_by_preset, preset_of, saved_plot, subplots,
                                   trained_network, training_data, training_params)
 from bnlab.training import PRESETS, evaluate
 
@@ -181,8 +181,7 @@ class Dropout(Study):
 
     @staticmethod
     def _plot_gap(results, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(2, len(REGIMES), figsize=(14, 6.4), sharex=True, sharey="row")
+        fig, axes = subplots(2, len(REGIMES), figsize=(14, 6.4), sharex=True, sharey="row")
         names, width = list(CONFIGS), 0.38
         lowest = 1.0
         for column, regime in enumerate(REGIMES):

@@ -14,9 +14,9 @@ fixed runs' parameters are read back too: they must still be exactly 1 and 0.
 from __future__ import annotations
 
 from bnlab.models import NORM_SITES, norm_layers
-from bnlab.studies.engine import (Outcome, Report, Run, RunContext, Settings, Study, Verdict, by_preset_and_config,
-                                  difference, finals, fixed_settings, fmt, markdown_table, mean_std,
-                                  plot_curves_by_preset, preset_runs, pyplot, saved_plot, trained_network)
+from bnlab.studies.engine import (Outcome, PresetStudy, Report, RunContext, Settings, Verdict, difference, finals, fmt,
+                                  markdown_table, mean_std, plot_curves_by_preset, saved_plot, subplots,
+                                  trained_network)
 from bnlab.training import PRESETS
 
 CONFIGS = {"learned": {}, "fixed": {"learn_affine": False}}
@@ -54,28 +54,26 @@ def largest_move(results: list[dict], sites, parameter: str) -> float:
     return max(values, default=float("nan"))
 
 
-class FixedAffine(Study):
+class FixedAffine(PresetStudy):
     name = "fixed-affine"
     question = ("What happens when BN's scale gamma and shift beta are fixed at 1 and 0, and how far do they move "
                 "from 1 and 0 when they are learned?")
     full_runtime = "about 14 minutes on 2 cores (12 runs of 10 epochs, --jobs 2; measured 14)"
-
-    def runs(self, settings: Settings) -> list[Run]:
-        return preset_runs("affine-parameters", CONFIGS, settings)
+    configs = CONFIGS
+    run_kind = "affine-parameters"
 
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
-        results = by_preset_and_config(outcomes, CONFIGS)
+        results = self.results(outcomes)
         conclusions = [self._accuracy_finding(preset, results) for preset in PRESETS]
         conclusions += [self._movement_finding(preset, results) for preset in PRESETS]
         conclusions.append(self._fixed_check(results))
-        return Report(
+        return self.preset_report(
+            settings,
             title="fixed-affine: batch normalization with gamma = 1 and beta = 0",
-            question=self.question,
-            settings={**fixed_settings(settings),
-                      "fixed": "gamma and beta of all four BN layers frozen at 1 and 0 (no gradient, not in the "
-                               "optimizer); the running statistics are still tracked",
-                      "small move": f"under {SMALL_MOVE} (normalized activations have unit standard deviation)"},
-            varied={"BN affine parameters": tuple(CONFIGS), "preset": tuple(PRESETS)},
+            own_settings={"fixed": "gamma and beta of all four BN layers frozen at 1 and 0 (no gradient, not in the "
+                                   "optimizer); the running statistics are still tracked",
+                          "small move": f"under {SMALL_MOVE} (normalized activations have unit standard deviation)"},
+            varied={"BN affine parameters": tuple(CONFIGS)},
             sections=[("Accuracy (final epoch, mean ± std over seeds)", self._accuracy_table(results)),
                       ("How far the learned gamma and beta moved (mean over channels; mean ± std over seeds)",
                        self._movement_table(results))],
@@ -148,8 +146,7 @@ class FixedAffine(Study):
 
     @staticmethod
     def _plot_parameters(results, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(2, len(PRESETS), figsize=(10, 6), sharex=True)
+        fig, axes = subplots(2, len(PRESETS), figsize=(10, 6), sharex=True)
         for column, preset in enumerate(PRESETS):
             learned = [r for r in results[(preset, "learned")] if "affine" in r]
             for row, (parameter, fixed_value) in enumerate((("gamma", 1.0), ("beta", 0.0))):

@@ -26,7 +26,7 @@ from collections import defaultdict
 
 from bnlab.studies.engine import (Outcome, Report, Run, Settings, Study, Verdict, difference, final, fmt,
                                   markdown_table, mean_curve, mean_std, plot_against_batch_size, plot_epoch_curves,
-                                  pyplot, round_lr, saved_plot, scaled_lr)
+                                  round_lr, saved_plot, scaled_lr, subplots)
 
 NORMS = ("batchnorm", "layernorm", "groupnorm", "instancenorm")
 FULL_BATCHES, QUICK_BATCHES = (2, 4, 16, 128), (2, 16, 128)
@@ -50,11 +50,9 @@ class LayerNormStudy(Study):
                 "batch size, and at the small batch sizes where batch norm struggles?")
     full_runtime = ("about 35 minutes on 2 cores (48 runs of 5 epochs on 10000 examples and 12 of 10 epochs on the "
                     "whole training set, --jobs 2)")
-
-    def plan(self, settings: Settings) -> tuple[tuple[int, ...], dict, int]:
-        if settings.quick:
-            return QUICK_BATCHES, QUICK_DATA, QUICK_EPOCHS
-        return FULL_BATCHES, FULL_DATA, FULL_EPOCHS
+    # (batch sizes, data subsets, epochs) of the grid
+    quick_plan = (QUICK_BATCHES, QUICK_DATA, QUICK_EPOCHS)
+    full_plan = (FULL_BATCHES, FULL_DATA, FULL_EPOCHS)
 
     def runs(self, settings: Settings) -> list[Run]:
         batches, data_options, epochs = self.plan(settings)
@@ -161,8 +159,7 @@ class LayerNormStudy(Study):
 
     @staticmethod
     def _plot_accuracy(batches, accuracy, settings):
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        fig, ax = subplots(figsize=(6.4, 3.8))
         plot_against_batch_size(ax, {norm: {size: accuracy[(norm, size)] for size in batches} for norm in NORMS},
                                 "final test accuracy")
         default = DEFAULT_RUN["quick" if settings.quick else "full"]
@@ -178,8 +175,7 @@ class LayerNormStudy(Study):
 
     @staticmethod
     def _plot_curves(batches, results, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+        fig, axes = subplots(1, 2, figsize=(10, 3.4), sharey=True)
         for ax, column in zip(axes, (min(batches), DEFAULT)):
             plot_epoch_curves(ax, {norm: mean_curve(results[(norm, column)], "test_acc") for norm in NORMS},
                               "test accuracy")

@@ -24,10 +24,10 @@ import torch
 
 from bnlab.data import to_input
 from bnlab.models import NORM_SITES, build_model
-from bnlab.studies.engine import (FULL_SEEDS, MODEL, GainRecovery, Outcome, Report, Run, RunContext, Settings, Study,
-                                  Verdict, activations_at, best, by_preset_and_config, config_name, difference,
-                                  diverged_count, finals, fixed_settings, fmt, gain_findings, gain_table, group_results,
-                                  history_of, markdown_table, mean_std, plot_accuracy_and_curves_by_preset, preset_runs)
+from bnlab.studies.engine import (FULL_SEEDS, MODEL, GainRecovery, Outcome, PresetStudy, Report, Run, RunContext,
+                                  Settings, Verdict, activations_at, best, config_name, difference, diverged_count,
+                                  finals, fmt, gain_findings, gain_table, group_results, history_of, markdown_table,
+                                  mean_std, plot_accuracy_and_curves_by_preset)
 from bnlab.training import PRESETS
 
 CONFIGS = {"batchnorm": {"norm": "batchnorm"}, "mean-only": {"norm": "mean-only"},
@@ -75,20 +75,21 @@ def peak_loss(result: dict) -> float:
     return max((h["train_loss"] for h in history_of(result)), default=float("nan"))
 
 
-class Lite(Study):
+class Lite(PresetStudy):
     name = "lite"
     question = ("Which half of batch normalization does the work: subtracting the batch mean only, dividing by the "
                 "batch standard deviation only, or do we need both?")
     full_runtime = "about 20 minutes on 2 cores (24 runs of 10 epochs, --jobs 2; measured 20)"
+    configs = CONFIGS
 
     def runs(self, settings: Settings) -> list[Run]:
-        return (preset_runs("train", CONFIGS, settings)
+        return (super().runs(settings)
                 + [Run("sigmoid-inputs", {"model": MODEL, "model_options": options, "seed": seed})
                    for options in CONFIGS.values() for seed in settings.seed_list(FULL_SEEDS)])
 
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
         trainings = [outcome for outcome in outcomes if outcome.run.kind == "train"]
-        results = by_preset_and_config(trainings, CONFIGS)
+        results = self.results(trainings)
         probes = group_results([outcome for outcome in outcomes if outcome.run.kind == "sigmoid-inputs"],
                                lambda p: config_name(CONFIGS, p["model_options"]))
 
@@ -106,13 +107,12 @@ class Lite(Study):
         conclusions = [line for preset in PRESETS for line in self._preset_findings(preset, accuracy)]
         conclusions.append(self._stability(results))
         conclusions.append(self._initial_finding(probes))
-        return Report(
+        return self.preset_report(
+            settings,
             title="lite: mean-only and variance-only batch normalization",
-            question=self.question,
-            settings={**fixed_settings(settings),
-                      "norm layers": "after conv1, conv2, fc1 and fc2, each with a learned per-channel scale and "
-                                     "shift; evaluation uses the running statistics the variant uses"},
-            varied={"norm": [f"{name} ({WHAT_IT_DOES[name]})" for name in CONFIGS], "preset": tuple(PRESETS)},
+            own_settings={"norm layers": "after conv1, conv2, fc1 and fc2, each with a learned per-channel scale and "
+                                         "shift; evaluation uses the running statistics the variant uses"},
+            varied={"norm": [f"{name} ({WHAT_IT_DOES[name]})" for name in CONFIGS]},
             sections=[("Results (final epoch, mean ± std over seeds)", table),
                       (f"Sigmoid inputs of the initial network (first {PROBE_IMAGES} training images, train mode; "
                        "mean ± std over seeds)", self._initial_table(probes))],

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from bnlab.studies.engine import (Outcome, Report, Run, Settings, Study, best, final, fmt, markdown_table, mean_curve,
-                                  label_axes, plot_epoch_curves, pyplot, saved_plot)
+                                  label_axes, plot_epoch_curves, saved_plot, subplots)
 
 MODELS = ("lenet", "bn-lenet")
 FULL_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -31,15 +31,13 @@ class LrSweep(Study):
     question = ("How do learning rates from 0.01 to 100 compare with and without batch normalization, and how "
                 "large can the rate be before optimization fails?")
     full_runtime = "about 40 minutes on 2 cores (36 runs of 10 epochs, --jobs 2; diverged runs stop early)"
-
-    def rates(self, settings: Settings):
-        return QUICK_RATES if settings.quick else FULL_RATES
+    quick_plan = {"rates": QUICK_RATES, "epochs": 2, "data": QUICK_DATA}
+    full_plan = {"rates": FULL_RATES, "epochs": 10, "data": {}}
 
     def runs(self, settings: Settings) -> list[Run]:
-        data = QUICK_DATA if settings.quick else {}
-        epochs = 2 if settings.quick else 10
-        return [Run("train", {"model": model, "lr": lr, "epochs": epochs, "seed": seed, **data})
-                for model in MODELS for lr in self.rates(settings) for seed in settings.seed_list(2)]
+        plan = self.plan(settings)
+        return [Run("train", {"model": model, "lr": lr, "epochs": plan["epochs"], "seed": seed, **plan["data"]})
+                for model in MODELS for lr in plan["rates"] for seed in settings.seed_list(2)]
 
     @staticmethod
     def _table(results: dict, rates) -> tuple[list[str], list[list[str]]]:
@@ -60,7 +58,8 @@ class LrSweep(Study):
         results = defaultdict(list)
         for o in outcomes:
             results[(o.run.params["model"], o.run.params["lr"])].append(o.result)
-        rates = self.rates(settings)
+        plan = self.plan(settings)
+        rates = plan["rates"]
         headers, rows = self._table(results, rates)
 
         conclusions = []
@@ -96,7 +95,7 @@ class LrSweep(Study):
             title="lr-sweep: learning rates with and without batch normalization",
             question=self.question,
             settings={"data": "Fashion-MNIST" + (f", subsets {QUICK_DATA}" if settings.quick else " (full)"),
-                      "batch size": 128, "epochs": 2 if settings.quick else 10, "seeds": len(settings.seed_list(2)),
+                      "batch size": 128, "epochs": plan["epochs"], "seeds": len(settings.seed_list(2)),
                       "success": f"no divergence and final test accuracy ≥ {SUCCESS_ACCURACY} (chance is 0.1)"},
             varied={"model": MODELS, "learning rate": [f"{lr:g}" for lr in rates]},
             sections=[("Results per learning rate (mean ± std over seeds)", markdown_table(headers, rows))],
@@ -106,8 +105,7 @@ class LrSweep(Study):
 
     @staticmethod
     def _plot_accuracy(results, rates, settings):
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = subplots(figsize=(6, 3.6))
         for model, style in zip(MODELS, ("-o", "--s")):
             finals = [sum(final(r, "test_acc", 0.0) for r in results[(model, lr)]) / len(results[(model, lr)]) for lr in rates]
             bests = [sum(best(r, "test_acc", 0.0) for r in results[(model, lr)]) / len(results[(model, lr)]) for lr in rates]
@@ -121,8 +119,7 @@ class LrSweep(Study):
 
     @staticmethod
     def _plot_curves(results, rates, settings):
-        plt = pyplot()
-        fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True)
+        fig, axes = subplots(2, 2, figsize=(10, 6.4), sharex=True)
         for column, model in enumerate(MODELS):
             for row, (metric, label) in enumerate((("train_loss", "train loss"), ("test_acc", "test accuracy"))):
                 curves = {f"lr {lr:g}": mean_curve(results[(model, lr)], metric) for lr in rates}

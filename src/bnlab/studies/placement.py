@@ -15,9 +15,8 @@ difference to "all" is within the seed-to-seed noise (`difference`).
 from __future__ import annotations
 
 from bnlab.models import PLACEMENTS
-from bnlab.studies.engine import (NO_NORM, GainRecovery, Outcome, Report, Run, Settings, Study, by_preset_and_config,
-                                  finals, fixed_settings, fmt, gain_findings, gain_table,
-                                  plot_accuracy_and_curves_by_preset, preset_runs, share_of_gain)
+from bnlab.studies.engine import (NO_NORM, GainRecovery, Outcome, PresetStudy, Report, Settings, finals, fmt,
+                                  gain_findings, gain_table, plot_accuracy_and_curves_by_preset, share_of_gain)
 from bnlab.training import PRESETS
 
 # Placement name -> the model_options that realize it; "none" is the same network without norm layers.
@@ -29,17 +28,15 @@ def sites_of(placement: str) -> str:
     return ", ".join(PLACEMENTS[placement]) if placement in PLACEMENTS else "no norm layer"
 
 
-class Placement(Study):
+class Placement(PresetStudy):
     name = "placement"
     question = ("Do we need batch normalization in every layer, or does BN after only the convolutions, only the "
                 "fully connected layers or only the first layer recover its gain?")
     full_runtime = "about 21 minutes on 2 cores (30 runs of 10 epochs, --jobs 2; measured 21)"
-
-    def runs(self, settings: Settings) -> list[Run]:
-        return preset_runs("train", CONFIGS, settings)
+    configs = CONFIGS
 
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
-        results = by_preset_and_config(outcomes, CONFIGS)
+        results = self.results(outcomes)
 
         def accuracy(preset, placement):
             return finals(results[(preset, placement)], "test_acc")
@@ -52,13 +49,11 @@ class Placement(Study):
 
         conclusions = [line for preset in PRESETS for line in self._preset_findings(preset, accuracy)]
         conclusions.append(self._where_placement_matters(accuracy))
-        settings_table = {**fixed_settings(settings), "norm": "bnlab's BatchNorm (batch statistics in training, "
-                          "running statistics in evaluation)"}
-        return Report(
+        return self.preset_report(
+            settings,
             title="placement: do we need batch normalization in every layer?",
-            question=self.question,
-            settings=settings_table,
-            varied={"placement": [f"{name} ({sites_of(name)})" for name in CONFIGS], "preset": tuple(PRESETS)},
+            own_settings={"norm": "bnlab's BatchNorm (batch statistics in training, running statistics in evaluation)"},
+            varied={"placement": [f"{name} ({sites_of(name)})" for name in CONFIGS]},
             sections=[("Results (final epoch, mean ± std over seeds)", table)],
             conclusions=conclusions,
             plots=plot_accuracy_and_curves_by_preset(

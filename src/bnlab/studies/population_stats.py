@@ -30,7 +30,7 @@ from torch import nn
 from bnlab import data
 from bnlab.models import norm_layers
 from bnlab.studies.engine import (Outcome, Report, Run, RunContext, Settings, Study, difference, fmt, history_of,
-                                  markdown_table, mean_std, pyplot, saved_plot, trained_network,
+                                  markdown_table, mean_std, saved_plot, subplots, trained_network,
                                   with_precise_statistics)
 from bnlab.training import EVAL_BATCH_SIZE, PRESETS, evaluate
 
@@ -235,8 +235,7 @@ class PopulationStats(Study):
 
     @staticmethod
     def _plot_methods(accuracy, settings):
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(8, 3.6))
+        fig, ax = subplots(figsize=(8, 3.6))
         colors = {"moving": "C0", "recomputed": "C2", "batch": "C1"}
         group_width = len(METHODS) + 1
         for i, config in enumerate(CONFIGS):
@@ -260,8 +259,7 @@ class PopulationStats(Study):
     def _plot_curves(results, settings):
         from matplotlib.ticker import MaxNLocator
 
-        plt = pyplot()
-        fig, axes = plt.subplots(1, len(CONFIGS), figsize=(11, 3.4), sharey=True)
+        fig, axes = subplots(1, len(CONFIGS), figsize=(11, 3.4), sharey=True)
         for ax, config in zip(axes, CONFIGS):
             for seed, r in results[config]:
                 curve = [h["test_acc"] for h in history_of(r)]

@@ -62,8 +62,8 @@ from bnlab import data
 from bnlab.models import NORM_SITES, build_model, norm_layers
 from bnlab.nn import recomputable
 from bnlab.studies.engine import (LoopSpec, Outcome, Report, Run, RunContext, Settings, Study, Verdict, activations_at,
-                                  channel_columns, difference, fmt, markdown_table, mean_curve, mean_std,
-                                  label_axes, plot_epoch_curves, pyplot, saved_plot, side_effect_free, train_with_hooks,
+                                  channel_columns, difference, fmt, markdown_table, mean_curve, mean_std, label_axes,
+                                  plot_epoch_curves, saved_plot, side_effect_free, subplots, train_with_hooks,
                                   with_precise_statistics)
 from bnlab.training import Hooks, evaluate
 
@@ -214,17 +214,15 @@ class Research(Study):
     question = ("The chapter's research ideas: does normalizing by the probability integral transform, whitening "
                 "with a full-rank covariance (ZCA, IterNorm) or sparsifying BN's scales (L1 on γ) help BN-LeNet?")
     full_runtime = "about 30 minutes on 2 cores (18 runs of 10 epochs, --jobs 2; PIT is the slowest)"
-
-    @staticmethod
-    def epochs(settings: Settings) -> int:
-        return 3 if settings.quick else 10
+    quick_plan = {"epochs": 3, "data": QUICK_DATA}
+    full_plan = {"epochs": 10, "data": {}}
 
     def runs(self, settings: Settings) -> list[Run]:
-        data_subsets = QUICK_DATA if settings.quick else {}
+        plan = self.plan(settings)
         slowest_first = sorted(CONFIGS, key=lambda c: c.norm != "pit")  # a shorter tail with parallel jobs
         return [Run("research", {"model": "bn-lenet", "model_options": {"norm": c.norm}, "l1": c.l1, "lr": LR,
-                                 "batch_size": BATCH_SIZE, "epochs": self.epochs(settings), "seed": seed,
-                                 "precise_batch": BATCH_SIZE, **data_subsets})
+                                 "batch_size": BATCH_SIZE, "epochs": plan["epochs"], "seed": seed,
+                                 "precise_batch": BATCH_SIZE, **plan["data"]})
                 for c in slowest_first for seed in settings.seed_list(3)]
 
     def analyse(self, outcomes: list[Outcome], settings: Settings) -> Report:
@@ -245,7 +243,7 @@ class Research(Study):
                                "layer, sigmoid, average pooling)",
                       "data": "Fashion-MNIST" + (f", subsets {QUICK_DATA}" if settings.quick else " (full)"),
                       "optimizer": f"SGD, lr {LR}, batch {BATCH_SIZE}, no momentum or weight decay",
-                      "epochs": self.epochs(settings), "seeds": len(settings.seed_list(3)),
+                      "epochs": self.plan(settings)["epochs"], "seeds": len(settings.seed_list(3)),
                       "whitening groups": "ZCA and IterNorm whiten groups of " + ", ".join(map(str, _group_sizes()))
                                           + " channels (conv1, conv2, fc1, fc2); IterNorm uses 5 iterations",
                       "PIT": "rank → Gaussian quantile per channel; backward is batch norm's (straight-through)",
@@ -413,8 +411,7 @@ class Measures:
     # -- plots
 
     def plot_curves(self, settings):
-        plt = pyplot()
-        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
+        fig, (ax_acc, ax_loss) = subplots(1, 2, figsize=(10, 3.6))
         plot_epoch_curves(ax_acc, {c.label: mean_curve(self.ok[c], "test_acc") for c in CONFIGS}, "test accuracy")
         plot_epoch_curves(ax_loss, {c.label: mean_curve(self.ok[c], "train_loss") for c in CONFIGS}, "train loss")
         ax_loss.set_yscale("log")
@@ -424,9 +421,8 @@ class Measures:
                           "per epoch, mean over seeds.")
 
     def plot_whiteness(self, settings):
-        plt = pyplot()
         configs = [c for c in CONFIGS if self.ok[c] and not c.l1]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+        fig, axes = subplots(1, 2, figsize=(10, 3.6), sharey=True)
         width = 0.8 / len(configs)
         for ax, mode in zip(axes, ("train", "eval")):
             for i, config in enumerate(configs):
@@ -445,8 +441,7 @@ class Measures:
                           "images, within whitening groups, mean over seeds.")
 
     def plot_scales(self, settings):
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = subplots(figsize=(6, 3.6))
         channels = 0
         for i, (config, style) in enumerate(zip((c for c in CONFIGS if c.norm == "batchnorm"), ("-", "--", ":"))):
             for n, r in enumerate(self.ok[config]):

@@ -30,7 +30,7 @@ from bnlab import adapt
 from bnlab.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from bnlab.data import to_input
 from bnlab.studies.engine import (FULL_SEEDS, Outcome, Report, Run, RunContext, Settings, Study, difference, fmt,
-                                  markdown_table, mean_std, pyplot, save_figure, trained_network, training_params)
+                                  markdown_table, mean_std, save_figure, subplots, trained_network, training_params)
 
 NORMS = {"batchnorm": {}, "groupnorm": {"norm": "groupnorm"}, "layernorm": {"norm": "layernorm"}}
 BATCH_SIZES = {"full": (8, 32, 128), "quick": (8, 128)}
@@ -244,8 +244,7 @@ class Shift(Study):
 
     @staticmethod
     def _plot(mean_over, sizes, severities, settings):
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = subplots(figsize=(7, 4))
         curves = [("batchnorm", m) for m in ("none", "adabn", f"batch-stats@{max(sizes)}", f"tent@{max(sizes)}",
                                                f"tent@{min(sizes)}")]
         curves += [("groupnorm", "none"), ("layernorm", "none")]

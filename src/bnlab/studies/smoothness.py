@@ -64,8 +64,8 @@ from torch import Tensor, nn
 from bnlab.data import to_input
 from bnlab.models import NORM_SITES, norm_layers
 from bnlab.studies.engine import (LoopSpec, Outcome, Report, Run, RunContext, Settings, Study, activations_at,
-                                  channel_columns, difference, fmt, markdown_table, mean_std, pyplot, saved_plot,
-                                  side_effect_free, train_with_hooks)
+                                  channel_columns, difference, fmt, markdown_table, mean_std, saved_plot,
+                                  side_effect_free, subplots, train_with_hooks)
 from bnlab.training import Hooks
 
 # label -> (norm of the unpadded bn-lenet architecture, noise after each norm)
@@ -288,13 +288,8 @@ class Smoothness(Study):
     question = ("Does BN reduce internal covariate shift (drift of layer inputs), or does it mainly make the loss "
                 "and its gradient smoother (Santurkar et al. 2018)?")
     full_runtime = "about 15 minutes on 2 cores (18 runs of 10 epochs with probes, --jobs 2; measured 15)"
-
-    @staticmethod
-    def plan(settings: Settings) -> dict:
-        return {"rates": QUICK_RATES if settings.quick else FULL_RATES,
-                "epochs": QUICK_EPOCHS if settings.quick else FULL_EPOCHS,
-                "probe_every": QUICK_PROBE_EVERY if settings.quick else FULL_PROBE_EVERY,
-                "data": QUICK_DATA if settings.quick else {}}
+    quick_plan = {"rates": QUICK_RATES, "epochs": QUICK_EPOCHS, "probe_every": QUICK_PROBE_EVERY, "data": QUICK_DATA}
+    full_plan = {"rates": FULL_RATES, "epochs": FULL_EPOCHS, "probe_every": FULL_PROBE_EVERY, "data": {}}
 
     def runs(self, settings: Settings) -> list[Run]:
         plan = self.plan(settings)
@@ -462,9 +457,8 @@ def overall(verdicts: dict) -> list[str]:
 
 
 def plot_curves(results, rates, settings):
-    plt = pyplot()
     panels = ("loss", "loss_variation", "grad_change", "beta_smoothness", "drift_rel", "drift_abs", "ics_l2", "ics_cos")
-    fig, axes = plt.subplots(2, 4, figsize=(15, 6.6), sharex=True)
+    fig, axes = subplots(2, 4, figsize=(15, 6.6), sharex=True)
     for ax, metric in zip(axes.flat, panels):
         for i, label in enumerate(MODELS):
             for j, lr in enumerate(rates):

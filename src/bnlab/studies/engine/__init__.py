@@ -8,7 +8,8 @@
   method's gain its variants recover (`gain_table`, `gain_findings`);
 - `report`: `Report` and markdown tables;
 - `plots`: the plot helpers;
-- `presets`: the settings the studies share (both presets' runs, the batch-size learning-rate rule).
+- `presets`: the settings the studies share (both presets' runs and `PresetStudy`, the batch-size
+  learning-rate rule).
 
 Imports go one way: training <- engine <- the study modules. The names below are the engine's public
 ones, so that a study imports what it needs from `bnlab.studies.engine`.
@@ -17,10 +18,10 @@ ones, so that a study imports what it needs from `bnlab.studies.engine`.
 from bnlab.studies.engine.plots import (LINE_STYLES, LOSS_AND_ACCURACY, TEST_ACCURACY, label_axes, mean_curve,
                                         plot_accuracy_and_curves_by_preset, plot_accuracy_by_preset,
                                         plot_against_batch_size, plot_bars, plot_curves_by_preset, plot_epoch_curves,
-                                        pyplot, save_figure, saved_plot)
-from bnlab.studies.engine.presets import (FULL_SEEDS, MODEL, NO_NORM, QUICK_DATA, QUICK_EPOCHS, by_preset_and_config,
-                                          config_name, fixed_settings, preset_of, preset_runs, preset_title, round_lr,
-                                          scaled_lr, training_params)
+                                        save_figure, saved_plot, subplots)
+from bnlab.studies.engine.presets import (FULL_SEEDS, MODEL, NO_NORM, QUICK_DATA, QUICK_EPOCHS, PresetStudy,
+                                          by_preset_and_config, config_name, fixed_settings, preset_of, preset_runs,
+                                          preset_title, round_lr, scaled_lr, training_params)
 from bnlab.studies.engine.probes import activations_at, channel_columns, side_effect_free
 from bnlab.studies.engine.report import Report, markdown_table
 from bnlab.studies.engine.runkinds import (SHARED_RUN_KINDS, LoopOutcome, LoopSpec, train_run, train_with_hooks,
@@ -34,9 +35,10 @@ from bnlab.studies.engine.study import Study, run_study
 __all__ = [
     "LINE_STYLES", "LOSS_AND_ACCURACY", "TEST_ACCURACY", "label_axes", "mean_curve",
     "plot_accuracy_and_curves_by_preset", "plot_accuracy_by_preset", "plot_against_batch_size", "plot_bars",
-    "plot_curves_by_preset", "plot_epoch_curves", "pyplot", "save_figure", "saved_plot",
-    "FULL_SEEDS", "MODEL", "NO_NORM", "QUICK_DATA", "QUICK_EPOCHS", "by_preset_and_config", "config_name",
-    "fixed_settings", "preset_of", "preset_runs", "preset_title", "round_lr", "scaled_lr", "training_params",
+    "plot_curves_by_preset", "plot_epoch_curves", "save_figure", "saved_plot", "subplots",
+    "FULL_SEEDS", "MODEL", "NO_NORM", "QUICK_DATA", "QUICK_EPOCHS", "PresetStudy", "by_preset_and_config",
+    "config_name", "fixed_settings", "preset_of", "preset_runs", "preset_title", "round_lr", "scaled_lr",
+    "training_params",
     "activations_at", "channel_columns",
     "side_effect_free", "Report", "markdown_table", "SHARED_RUN_KINDS", "LoopOutcome", "LoopSpec", "train_run",
     "train_with_hooks", "trained_network", "training_data", "training_result", "with_precise_statistics", "Outcome",

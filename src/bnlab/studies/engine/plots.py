@@ -32,14 +32,14 @@ def saved_plot(fig, settings: Settings, filename: str, caption: str) -> tuple[st
     return filename, caption
 
 
-def pyplot():
-    """matplotlib.pyplot with a file-only backend."""
+def subplots(*args, **kwargs):
+    """A new figure and its axes: matplotlib.pyplot.subplots(*args, **kwargs) on a file-only backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt.subplots(*args, **kwargs)
 
 
 LINE_STYLES = ("-o", "--s", ":^", "-.v", "-d", "--x", ":*", "-.p")
@@ -91,8 +91,7 @@ def plot_accuracy_by_preset(accuracy: Callable[[str, str], Sequence[float]], nam
     """Final test accuracy of each configuration (`plot_bars`), a panel per preset; returns (filename, caption).
 
     `accuracy(preset, name)` gives the values over seeds."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(PRESETS), figsize=(9, 3.4), sharey=True)
+    fig, axes = subplots(1, len(PRESETS), figsize=(9, 3.4), sharey=True)
     for ax, preset in zip(axes, PRESETS):
         plot_bars(ax, list(names), [accuracy(preset, name) for name in names], "final test accuracy")
         ax.set_title(preset_title(preset))
@@ -116,10 +115,9 @@ def plot_curves_by_preset(results: dict, names: Sequence[str], settings: Setting
                           title: Callable[[str], str] = "{} preset".format) -> tuple[str, str]:
     """Per-epoch means over seeds of each configuration, a column per panel (the presets unless given) and a
     row per (metric, axis label); `results[(panel, name)]` holds the runs. Returns (filename, caption)."""
-    plt = pyplot()
     width = 4.5 * len(panels) + (len(metrics) > 1)
-    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(width, 0.2 + 3.2 * len(metrics)), sharex=True,
-                             sharey="row", squeeze=False)
+    fig, axes = subplots(len(metrics), len(panels), figsize=(width, 0.2 + 3.2 * len(metrics)), sharex=True,
+                         sharey="row", squeeze=False)
     for column, panel in enumerate(panels):
         for row, (metric, axis_label) in enumerate(metrics):
             curves = {label(name): mean_curve(results[(panel, name)], metric) for name in names}

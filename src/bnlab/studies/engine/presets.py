@@ -1,5 +1,5 @@
-"""Settings the studies share: the exercise studies' runs under both presets, and the learning-rate rule
-the claim studies carry across batch sizes.
+"""Settings the studies share: the exercise studies' runs under both presets (`PresetStudy`), and the
+learning-rate rule the claim studies carry across batch sizes.
 
 Every exercise study (placement, bias, lite, fixed-affine, dropout) trains the chapter's unpadded
 BN-LeNet ("bn-lenet", bnlab's BN) and varies one LeNetConfig option through ``model_options``; its "no
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 
+from bnlab.studies.engine.report import Report
 from bnlab.studies.engine.runner import Outcome, Run, Settings
 from bnlab.studies.engine.stats import group_results
+from bnlab.studies.engine.study import Study
 from bnlab.training import PRESETS
 
 QUICK_DATA = {"train_subset": 6000, "test_subset": 2000}
@@ -71,6 +73,29 @@ def fixed_settings(settings: Settings) -> dict:
         "metrics": "final epoch; train loss is the train-mode average over the last epoch, test accuracy is in "
                    "eval mode on the whole test set",
     }
+
+
+class PresetStudy(Study):
+    """An exercise study that compares configurations under both presets: `configs` (name -> model_options
+    of bn-lenet), a `run_kind` run of each per preset and seed (`preset_runs`), and a report that lists the
+    exercise studies' `fixed_settings` and the presets among what varied."""
+
+    configs: dict = {}
+    run_kind = "train"
+
+    def runs(self, settings: Settings) -> list[Run]:
+        return preset_runs(self.run_kind, self.configs, settings)
+
+    def results(self, outcomes: list[Outcome]) -> dict:
+        """The results (lists over seeds) by (preset, configuration name)."""
+        return by_preset_and_config(outcomes, self.configs)
+
+    def preset_report(self, settings: Settings, *, title: str, own_settings: dict, varied: dict,
+                      sections: list[tuple[str, str]], conclusions: list[str], plots: list[tuple[str, str]]) -> Report:
+        """The study's Report: `fixed_settings` followed by the study's `own_settings`; `varied`, then the preset."""
+        return Report(title=title, question=self.question, settings={**fixed_settings(settings), **own_settings},
+                      varied={**varied, "preset": tuple(PRESETS)}, sections=sections, conclusions=conclusions,
+                      plots=plots)
 
 
 def preset_title(preset: str) -> str:

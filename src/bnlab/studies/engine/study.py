@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from bnlab import files
 from bnlab.studies.engine.report import Report
@@ -16,11 +17,21 @@ from bnlab.studies.engine.runner import Outcome, Run, RunFunction, Settings, exe
 
 
 class Study:
-    """A study: subclasses set `name`, `question`, `full_runtime` and implement `runs` and `analyse`."""
+    """A study: subclasses set `name`, `question`, `full_runtime` and implement `runs` and `analyse`.
+
+    What differs between the reduced version (--quick) and the full study (epochs, data subsets, grids) a
+    study declares as `quick_plan` and `full_plan`, values of its own choosing; `plan` gives the one in force.
+    """
 
     name: str = ""
     question: str = ""
     full_runtime: str = ""
+    quick_plan: Any = None
+    full_plan: Any = None
+
+    def plan(self, settings: Settings) -> Any:
+        """`quick_plan` for the reduced version (--quick), else `full_plan`."""
+        return self.quick_plan if settings.quick else self.full_plan
 
     def runs(self, settings: Settings) -> list[Run]:
         raise NotImplementedError
