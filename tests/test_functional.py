@@ -122,6 +122,8 @@ LARGE_LAYOUTS = [
     ("1d", (4096, 8), "contiguous"),  # interleaved (M, C): rows split between threads
     ("1d", (8, 4, 1100), "contiguous"),  # planar: channels split between threads
     ("1d", (2, 4, 4200), "contiguous"),  # planar rows longer than one block
+    ("2d", (256, 4, 8, 8), "contiguous"),  # planar, short planes: the batch split between threads
+    ("1d", (4, 1, 9000), "contiguous"),  # planar, fewer channels than threads: batch split, planes past a block
     ("1d", (64, 8, 70), "transposed"),  # channels-last (N, C, L)
     ("2d", (8, 4, 32, 32), "contiguous"),
     ("2d", (8, 4, 32, 32), "channels_last"),
