@@ -637,7 +637,23 @@ def test_bench_op_compile_columns():
     (result,) = bench.bench_op([(16, 3, 4, 4)], repeats=1, compile=True)
     assert result.compiled_native_ms > 0 and result.compiled_bnlab_ms > 0
     assert result.compiled_speedup == pytest.approx(result.compiled_native_ms / result.compiled_bnlab_ms)
+    assert result.compiled_twin_ratio > 0
     assert "compiled bnlab vs compiled native" in bench.op_markdown([result])
+    assert "(A/A)" in bench.op_markdown([result])
+
+
+def test_compiled_summary_reads_gaps_against_the_twins():
+    from bnlab import bench
+
+    def result(shape, speedup, twins):
+        return bench.OpResult(shape, "contiguous", *[1.0] * 13, compiled_speedup=speedup, compiled_twin_ratio=twins)
+
+    ahead = [result((4, 3), 1.30, 0.97), result((8, 3), 1.01, 1.04)]
+    assert bench.compiled_summary(ahead) == ("compiled bnlab is at least as fast as compiled native on every "
+                                             "shape; the identical twins (A/A) came out 0.97x to 1.04x apart in this run")
+    behind = ahead + [result((2, 5, 3), 0.96, 1.02)]
+    assert bench.compiled_summary(behind) == ("compiled bnlab is behind compiled native on: 2x5x3 (0.96x); the "
+                                              "identical twins (A/A) came out 0.97x to 1.04x apart in this run")
 
 
 def test_bench_train_compiled_models_and_best_mode():

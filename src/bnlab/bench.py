@@ -13,7 +13,9 @@ a noisy, shared machine slows them alike; each figure is a median. Besides milli
 
 With ``--compile`` it also times ``torch.compile`` (default backend, fullgraph) of torch's native
 ``F.batch_norm`` and of bnlab's, each forward compiled with its backward, in the same rotation: the
-peers a user who compiles a model would otherwise pick.
+peers a user who compiles a model would otherwise pick. A second, identical compile of native (the
+twin, an A/A control) runs with them: the ratio of the twins is the run's resolution, and compiled
+bnlab's ratio is read against it.
 
 `bnlab bench train` measures training throughput end to end (data batches, forward, loss, backward,
 SGD step) of LeNets that differ only in their batch-norm layer: bnlab's, torch's built-in, and the
@@ -124,6 +126,7 @@ class OpResult:
     compiled_native_ms: Optional[float] = None  # torch.compile(native), with --compile
     compiled_bnlab_ms: Optional[float] = None  # torch.compile(bnlab), with --compile
     compiled_speedup: Optional[float] = None  # compiled native / compiled bnlab
+    compiled_twin_ratio: Optional[float] = None  # compiled native / its twin (A/A): the run's resolution
 
 
 def _op_case(shape: Sequence[int], channels_last: bool, compile: bool = False, seed: int = 0):
@@ -171,6 +174,13 @@ def _native_training_step(x, weight, bias, mean, var):
     return torch_F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
 
 
+def _native_twin_training_step(x, weight, bias, mean, var):
+    """`_native_training_step` once more, as a code object of its own: the A/A control. Two identical
+    compiled graphs timed in the same run differ only by the machine's noise, so their ratio is the
+    resolution against which the compiled ratio is read."""
+    return torch_F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+
+
 def _bnlab_training_step(x, weight, bias, mean, var):
     return bnlab_F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
 
@@ -186,7 +196,9 @@ def _compiled_forwards(x, weight, bias) -> dict:
     torch._dynamo.reset()
     channels = x.shape[1]
     forwards = {}
-    for name, step in (("compiled_native", _native_training_step), ("compiled_bnlab", _bnlab_training_step)):
+    peers = (("compiled_native", _native_training_step), ("compiled_native_twin", _native_twin_training_step),
+             ("compiled_bnlab", _bnlab_training_step))
+    for name, step in peers:
         compiled = torch.compile(step, fullgraph=True, dynamic=False)
         stats = (torch.zeros(channels), torch.ones(channels))
         forwards[name] = (lambda compiled=compiled, stats=stats: compiled(x, weight, bias, *stats), (x, weight, bias))
@@ -210,8 +222,8 @@ def bench_op(
             shape, layout, t["bnlab"] * 1e3, t["native"] * 1e3, t["chapter"] * 1e3, t["copy"] * 1e3,
             floor * 1e3, t["native"] / t["bnlab"], t["chapter"] / t["native"], floor / t["bnlab"],
             floor / t["native"], saved["bnlab"], saved["native"], saved["chapter"], diff,
-            *((t["compiled_native"] * 1e3, t["compiled_bnlab"] * 1e3, t["compiled_native"] / t["compiled_bnlab"])
-              if compile else ()),
+            *((t["compiled_native"] * 1e3, t["compiled_bnlab"] * 1e3, t["compiled_native"] / t["compiled_bnlab"],
+               t["compiled_native"] / t["compiled_native_twin"]) if compile else ()),
         ))
         if progress:
             progress(format_op_row(results[-1]))
@@ -345,14 +357,15 @@ OP_HEADER = (
 )
 
 
-COMPILED_HEADER = f" {'c-native ms':>11} {'c-bnlab ms':>10} {'c vs c':>7}"
+COMPILED_HEADER = f" {'c-native ms':>11} {'c-bnlab ms':>10} {'c vs c':>7} {'A/A':>6}"
 
 
 def format_op_row(r: OpResult) -> str:
     shape = "x".join(map(str, r.shape)) + (" CL" if r.layout == "channels_last" else "")
     saved = f"{r.saved_bytes_bnlab:.1f}/{r.saved_bytes_native:.1f}/{r.saved_bytes_chapter:.1f}"
     compiled = "" if r.compiled_bnlab_ms is None else (
-        f" {r.compiled_native_ms:11.3f} {r.compiled_bnlab_ms:10.3f} {r.compiled_speedup:6.2f}x")
+        f" {r.compiled_native_ms:11.3f} {r.compiled_bnlab_ms:10.3f} {r.compiled_speedup:6.2f}x"
+        f" {r.compiled_twin_ratio:5.2f}x")
     return (
         f"{shape:>20} {r.bnlab_ms:9.3f} {r.native_ms:9.3f} {r.chapter_ms:10.3f} {r.speedup_vs_native:8.2f}x "
         f"{r.native_vs_chapter:7.2f}x {r.floor_ms:8.3f} {r.bnlab_floor_share:11.0%} {r.native_floor_share:12.0%} "
@@ -360,12 +373,25 @@ def format_op_row(r: OpResult) -> str:
     )
 
 
+def compiled_summary(results: Sequence[OpResult]) -> str:
+    """One line on the compiled columns: where compiled bnlab is behind compiled native, beside how far
+    apart the identical twins (A/A) came out in the same run, so a gap is read against the resolution."""
+    behind = [r for r in results if r.compiled_speedup < 1.0]
+    twins = [r.compiled_twin_ratio for r in results]
+    resolution = f"the identical twins (A/A) came out {min(twins):.2f}x to {max(twins):.2f}x apart in this run"
+    if not behind:
+        return f"compiled bnlab is at least as fast as compiled native on every shape; {resolution}"
+    shapes = ", ".join(f"{'x'.join(map(str, r.shape))} ({r.compiled_speedup:.2f}x)" for r in behind)
+    return f"compiled bnlab is behind compiled native on: {shapes}; {resolution}"
+
+
 def op_markdown(results: Sequence[OpResult]) -> str:
     compiled = results and results[0].compiled_bnlab_ms is not None
     lines = [
         "| shape | bnlab ms | native ms | chapter ms | bnlab vs native | native vs chapter | bnlab % of floor | native % of floor | saved for backward, B/element (bnlab / native / chapter) |"
-        + (" compiled native ms | compiled bnlab ms | compiled bnlab vs compiled native |" if compiled else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|" if compiled else ""),
+        + (" compiled native ms | compiled bnlab ms | compiled bnlab vs compiled native | compiled native vs its twin (A/A) |"
+           if compiled else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|---:|" if compiled else ""),
     ]
     for r in results:
         lines.append(
@@ -373,7 +399,8 @@ def op_markdown(results: Sequence[OpResult]) -> str:
             f"| {r.bnlab_ms:.3f} | {r.native_ms:.3f} | {r.chapter_ms:.3f} | {r.speedup_vs_native:.2f}× "
             f"| {r.native_vs_chapter:.2f}× | {r.bnlab_floor_share:.0%} | {r.native_floor_share:.0%} "
             f"| {r.saved_bytes_bnlab:.1f} / {r.saved_bytes_native:.1f} / {r.saved_bytes_chapter:.1f} |"
-            + (f" {r.compiled_native_ms:.3f} | {r.compiled_bnlab_ms:.3f} | {r.compiled_speedup:.2f}× |" if compiled else "")
+            + (f" {r.compiled_native_ms:.3f} | {r.compiled_bnlab_ms:.3f} | {r.compiled_speedup:.2f}× "
+               f"| {r.compiled_twin_ratio:.2f}× |" if compiled else "")
         )
     return "\n".join(lines)
 

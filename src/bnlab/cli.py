@@ -306,10 +306,7 @@ def cmd_bench_op(args) -> int:
     print("bnlab is at least as fast as native on every shape" if not slower else
           "bnlab is slower than native on: " + ", ".join("x".join(map(str, r.shape)) for r in slower))
     if args.compile:
-        slower = [r for r in results if r.compiled_speedup < 1.0]
-        print("compiled bnlab is at least as fast as compiled native on every shape" if not slower else
-              "compiled bnlab is slower than compiled native on: "
-              + ", ".join("x".join(map(str, r.shape)) for r in slower))
+        print(bench.compiled_summary(results))
     return 0
 
 
