@@ -539,9 +539,10 @@ void backward_planar_by_batch(const T* x, const T* dy, T* dx, index_t N, index_t
 // ---- dispatch on layout: S == 0 marks the interleaved layout (M = N rows).
 
 // Planes of at most a page are split by batch (see the planar kernels). Measured on 2 threads, forward and
-// backward, the channel split's median time over the batch split's (60 interleaved runs, about +-10%
-// noise): on 14 shapes with planes of 196 B to 4 KB, 1.03x to 1.50x (LeNet's 256x6x24x24 1.23x,
-// 256x16x8x8 1.16x) but 0.94x at 64x128x28x28; on planes of 12.5 KB and 50 KB, 0.82x to 0.92x.
+// backward, the channel split's median time over the batch split's (interleaved, about +-10%
+// noise, 60-80 runs): on 16 shapes with planes of 196 B to 4 KB, 1.03x to 1.50x (LeNet's 256x6x24x24
+// 1.23x, 256x16x8x8 1.16x), except 64x128x28x28 (0.91x to 0.97x in three runs) and one of two runs of
+// 128x32x24x24 (0.96x; 1.21x in the other); on planes of 12.5 KB and 50 KB, 0.82x to 0.92x.
 constexpr index_t kPageBytes = 4096;
 
 template <typename T>
